@@ -1,0 +1,132 @@
+"""The ``attribution`` command.
+
+Exit codes: 0 success; 2 bad input (the message names the key/value, the valid choices and the
+fix; no traceback); 1 internal failure (traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from attribution_core.errors import AttributionError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Training-data attribution: every method a plugin, one harness.",
+)
+
+
+class ExitCode(IntEnum):
+    """Process exit codes."""
+
+    OK = 0
+    INTERNAL_ERROR = 1
+    USAGE_ERROR = 2
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: KEY.PATH=VALUE (repeatable)."),
+]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(ExitCode.USAGE_ERROR)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map user errors to exit 2 with one line; anything else to exit 1 with a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except AttributionError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            typer.echo("interrupted; finished results are kept, re-run to resume", err=True)
+            raise typer.Exit(130) from None
+        except Exception:
+            traceback.print_exc()
+            typer.echo("internal error (exit 1): please report this with the traceback", err=True)
+            raise typer.Exit(ExitCode.INTERNAL_ERROR) from None
+
+    return wrapper
+
+
+@app.command("list")
+@guarded
+def list_components(
+    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    kind: Annotated[str | None, typer.Option("--kind", help="only this kind")] = None,
+) -> None:
+    """List every registered component: kind, name, plugin, one-line help."""
+    from attribution_core.registry import get_registry
+
+    if format not in ("table", "json"):
+        _fail(f"--format {format!r}: valid formats: table, json")
+    reg = get_registry()
+    rows = [
+        {
+            "kind": c.kind,
+            "name": c.name,
+            "plugin": c.plugin,
+            "help": c.help,
+            "options": sorted(c.options.model_fields) if c.options else [],
+        }
+        for c in reg.components(kind)
+    ]
+    if format == "json":
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("kind", "name", "plugin", "help")
+    for r in rows:
+        table.add_row(r["kind"], r["name"], r["plugin"], r["help"])
+    Console().print(table)
+
+
+@app.command()
+@guarded
+def attribute(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    set_: SetOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Attribute every method of CONFIG: OUT/<label>/scores.npy and manifest.json."""
+    from attribution_core.pipeline import attribute as run
+
+    result = run(config, out=out, overrides=tuple(set_ or ()), progress=not quiet)
+    for label, manifest in result.manifests.items():
+        t = manifest["timings"].get("total", 0.0)
+        typer.echo(f"{label}: scores {tuple(manifest['shape'])} -> {out / label} ({t:.1f} s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        app(args=argv, prog_name="attribution", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        # click reports its own usage errors with exit 2 already
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Run configuration: pydantic models, YAML loading and ``--set a.b=c`` overrides.
+
+Every model forbids unknown keys. Component-specific options (a task's ``classes``, a method's
+``damping``) are validated against the options model the component registered, when the config
+is resolved (:func:`attribution_core.pipeline.resolve`) — still before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from attribution_core.errors import ConfigError, DataError
+
+
+class StrictModel(BaseModel):
+    """Base: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenModel(BaseModel):
+    """``name`` plus component options that the named component's own model validates."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="Registered component name (see `attribution list`).")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keys besides ``name`` (and ``label``)."""
+        return {k: v for k, v in (self.model_extra or {}).items()}
+
+
+class TaskConfig(OpenModel):
+    """``{name: ddpm-digits, classes: [0, 1], ...}``: the task and its options."""
+
+
+class MeasurementConfig(OpenModel):
+    """A measurement by name with options, e.g. ``{name: timestep-loss, t: 500}``."""
+
+
+class MethodConfig(OpenModel):
+    """A method preset by name with per-field overrides, e.g. ``{name: trak, proj_dim: 2048}``.
+
+    Overrides are routed to whichever of the preset's components (scorer, hessian, compressor)
+    declares that field; ``train_function``/``query_function`` replace the preset's functions.
+    """
+
+    label: str | None = Field(None, description="Output directory name; default: the method name.")
+    seed: int | None = Field(None, description="Seed of the method's random choices; default: run seed.")
+    train_function: str | MeasurementConfig | None = Field(
+        None, description="Measurement whose gradient stands for ∇ℓ(θ, x_j)."
+    )
+    query_function: str | MeasurementConfig | None = Field(
+        None, description="Measurement differentiated on the queries; default: the target."
+    )
+
+
+class QueriesConfig(StrictModel):
+    """Where query examples come from."""
+
+    source: Literal["generated", "train", "file"] = Field(
+        "generated",
+        description="generated: task.make_queries(model); train: the first `count` training "
+        "examples; file: an .npz/.safetensors of named arrays at `path`.",
+    )
+    count: int = Field(16, ge=1, description="Number of queries.")
+    seed: int = Field(0, description="Seed for generating queries.")
+    path: str | None = Field(None, description="File for source=file.")
+
+
+class ModelConfig(StrictModel):
+    """The model being attributed."""
+
+    seed: int = Field(0, description="Seed of the base model's initialisation and training.")
+    path: str | None = Field(
+        None, description="Load trained weights (safetensors) instead of training."
+    )
+
+
+class LDSConfig(StrictModel):
+    """Linear data-modelling score settings (used when building a suite)."""
+
+    subsets: int = Field(64, ge=2, description="Number of random subsets (masks).")
+    seeds: int = Field(3, ge=1, description="Models trained per subset.")
+    kept_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="α: fraction kept per subset.")
+    removed_weight: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Weight of removed examples (0.5 = down-weighting)."
+    )
+
+
+class CounterfactualConfig(StrictModel):
+    """Retraining without top influences."""
+
+    remove_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seeds: int = Field(3, ge=1)
+    queries: int = Field(5, ge=1)
+
+
+class EvaluationConfig(StrictModel):
+    """Ground truth for LDS and counterfactual evaluation."""
+
+    suite: str | None = Field(None, description="Path to a pinned suite directory.")
+    lds: LDSConfig | None = None
+    counterfactual: CounterfactualConfig | None = None
+
+
+class ExecutorConfig(OpenModel):
+    """``{name: local}`` or ``{name: ray, address: auto}``."""
+
+    name: str = "local"
+
+
+class RunConfig(StrictModel):
+    """One YAML file: task, queries, methods, target, evaluation, executor."""
+
+    task: TaskConfig
+    methods: list[str | MethodConfig] = Field(min_length=1)
+    target: str | MeasurementConfig = Field("loss", description="What is predicted.")
+    queries: QueriesConfig = QueriesConfig()
+    model: ModelConfig = ModelConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    seed: int = Field(0, description="Run seed: default for every method's random choices.")
+    threads: int = Field(1, ge=1, description="torch intra-op threads (recorded; bitwise repeatability).")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    dtype: Literal["float32", "float64"] = Field("float32", description="Model and gradient dtype.")
+    chunk_size: int = Field(64, ge=1, description="Training examples per gradient chunk.")
+    cache_dir: str | None = Field(None, description="Cache for gradients and curvature factors.")
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> RunConfig:
+        labels = [label_of(m) for m in self.methods]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(
+                f"duplicate method labels {dup}: give each entry its own `label`"
+            )
+        return self
+
+
+def label_of(entry: str | MethodConfig) -> str:
+    """A method entry's label (its name unless set)."""
+    if isinstance(entry, str):
+        return entry
+    return entry.label or entry.name
+
+
+def as_measurement(ref: str | MeasurementConfig) -> MeasurementConfig:
+    """Normalise ``"loss"`` / ``{name: ...}`` to a :class:`MeasurementConfig`."""
+    return MeasurementConfig(name=ref) if isinstance(ref, str) else ref
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "MethodConfig", "MeasurementConfig") or "[" in str(part):
+            continue  # union-branch tags from pydantic
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
+def format_validation_error(exc: ValidationError, where: str = "") -> str:
+    """One line per problem: ``key.path: message (got value)``."""
+    lines = []
+    seen = set()
+    for err in exc.errors():
+        path = _loc(err["loc"])
+        if where:
+            path = f"{where}.{path}" if path != "(root)" else where
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        key = (path, msg)
+        if key in seen:
+            continue
+        seen.add(key)
+        got = err.get("input")
+        got_s = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        lines.append(f"{path}: {msg}{got_s}")
+    return "; ".join(lines)
+
+
+def validate_model(model: type[BaseModel], data: dict[str, Any], *, where: str = "") -> BaseModel:
+    """``model.model_validate(data)`` with a :class:`ConfigError` naming key paths and choices."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        msg = format_validation_error(exc, where)
+        if "unknown key" in msg:
+            msg += f" — valid keys: {', '.join(sorted(model.model_fields))}"
+        raise ConfigError(msg) from None
+
+
+# ---- loading and overrides ----------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """``"a.b.0.c=1e-3"`` -> (["a", "b", 0, "c"], 0.001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. methods.0.damping=1e-3")
+    key, value = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key path")
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    return path, yaml.safe_load(value)
+
+
+def apply_override(data: dict[str, Any], path: list[str | int], value: Any) -> None:
+    """Set ``data[path] = value``, creating dicts on the way; a string method entry becomes a dict."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise ConfigError(
+                    f"--set {'.'.join(map(str, path))}: index {part} out of range "
+                    f"(list has {len(node)} entries)"
+                )
+            if isinstance(node[part], str):
+                node[part] = {"name": node[part]}
+            node = node[part]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if isinstance(nxt, int) else {}
+        elif isinstance(node[part], str) and not isinstance(nxt, int):
+            node[part] = {"name": node[part]}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise ConfigError(f"--set {'.'.join(map(str, path))}: index out of range")
+    node[last] = value
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Load and validate a run config from YAML path, dict or model, applying ``--set`` overrides.
+
+    Raises:
+        DataError: the file does not exist or is not a YAML mapping.
+        ConfigError: validation failed (message names the key paths).
+    """
+    if isinstance(source, RunConfig):
+        if not overrides:
+            return source
+        data = source.model_dump(exclude_none=True)
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"config file {str(path)!r} does not exist; pass a YAML file path")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    for text in overrides:
+        key_path, value = parse_override(text)
+        apply_override(data, key_path, value)
+    return validate_model(RunConfig, data)  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Supervised tasks (``linear-regression``, ``digits-classifier``) and their measurements."""

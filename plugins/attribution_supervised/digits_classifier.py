@@ -1,0 +1,140 @@
+"""Task ``digits-classifier``: a small MLP on scikit-learn's bundled 8×8 digits (no download).
+
+Objective: ``(1/N) Σ_j w_j CE(f(x_j), y_j)`` with the 1/N fixed, minimised by Adam on uniform
+minibatches of all N examples (removed examples contribute weight 0), a fixed number of steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+
+from attribution_core import CurvatureProblem, Measurement, Task
+from attribution_core.interfaces import Batch
+from attribution_supervised.measurements import CrossEntropy
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``X: (1797, 64)`` in [0, 1], ``y: (1797,)`` int64 — scikit-learn's bundled copy."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.data / 16.0).astype(np.float64), d.target.astype(np.int64)
+
+
+class DigitsClassifierOptions(BaseModel):
+    """Options of ``digits-classifier``."""
+
+    model_config = ConfigDict(extra="forbid")
+    classes: list[int] = Field(list(range(10)), description="Digit classes used (0–9).")
+    n_train: int = Field(500, ge=10, description="Training examples (rest held out for queries).")
+    hidden: int = Field(32, ge=1, description="Hidden width of the MLP.")
+    steps: int = Field(400, ge=1, description="Adam steps.")
+    lr: float = Field(1e-2, gt=0.0, description="Adam learning rate.")
+    batch_size: int = Field(64, ge=1, description="Minibatch size.")
+    l2: float = Field(1e-3, ge=0.0, description="λ of λ‖θ‖² (keeps the Hessian well-posed).")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[int]) -> list[int]:
+        bad = [c for c in v if not 0 <= c <= 9]
+        if bad or len(set(v)) < 2:
+            raise ValueError(f"classes must be ≥ 2 distinct digits in 0–9, got {v}")
+        return sorted(set(v))
+
+
+class DigitsClassifierTask(Task):
+    """MLP ``64 → hidden → n_classes`` (tanh) trained with Adam."""
+
+    name = "digits-classifier"
+    supervised_kind = "classification"
+
+    def __init__(
+        self,
+        classes: list[int] | None = None,
+        n_train: int = 500,
+        hidden: int = 32,
+        steps: int = 400,
+        lr: float = 1e-2,
+        batch_size: int = 64,
+        l2: float = 1e-3,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.dtype, self.device = dtype, torch.device(device)
+        self.classes = classes or list(range(10))
+        self.hidden, self.steps, self.lr, self.bs, self.l2 = hidden, steps, lr, batch_size, l2
+        X, y = load_digits_arrays()
+        keep = np.isin(y, self.classes)
+        X, y = X[keep], np.searchsorted(self.classes, y[keep])
+        perm = np.random.default_rng(0).permutation(len(y))
+        n_train = min(n_train, len(y) - 1)
+        tr, te = perm[:n_train], perm[n_train:]
+        self._data = self._batch(X[tr], y[tr])
+        self._held_out = self._batch(X[te], y[te])
+        self.options = {"classes": self.classes, "n_train": n_train, "hidden": hidden,
+                        "steps": steps, "lr": lr, "batch_size": batch_size, "l2": l2}
+
+    def _batch(self, X: np.ndarray, y: np.ndarray) -> Batch:
+        return {"x": torch.as_tensor(X, dtype=self.dtype, device=self.device),
+                "y": torch.as_tensor(y, dtype=torch.long, device=self.device)}
+
+    def train_data(self) -> Batch:
+        """``{"x": (N, 64) in [0, 1], "y": (N,) int64 class index}``."""
+        return self._data
+
+    def build_model(self, seed: int) -> nn.Module:
+        """Fresh MLP from ``seed``."""
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(64, self.hidden), nn.Tanh(), nn.Linear(self.hidden, len(self.classes))
+        ).to(self.device, self.dtype)
+
+    def train(self, model: nn.Module, weights: Tensor, seed: int) -> nn.Module:
+        """Adam on ``(1/N) Σ_j w_j CE_j + λ‖θ‖²`` over uniform minibatches, ``steps`` steps."""
+        gen = torch.Generator().manual_seed(seed)
+        x, y = self._data["x"], self._data["y"]
+        w = weights.to(self.device, self.dtype)
+        n = x.shape[0]
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        model.train()
+        for _ in range(self.steps):
+            idx = torch.randint(n, (min(self.bs, n),), generator=gen).to(self.device)
+            ce = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
+            loss = (w[idx] * ce).mean() + self.regularizer(dict(model.named_parameters()))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.eval()
+
+    def make_queries(self, model: nn.Module, n: int, seed: int) -> Batch:
+        """``n`` held-out examples chosen by ``seed``."""
+        pool = self._held_out["x"].shape[0]
+        idx = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))[:n]
+        return {k: v[idx.to(self.device)] for k, v in self._held_out.items()}
+
+    def training_loss(self, n_samples: int | None = None) -> Measurement:
+        """Cross-entropy."""
+        return CrossEntropy()
+
+    def curvature_problem(self, model: nn.Module, seed: int, n_samples: int) -> CurvatureProblem:
+        """``CrossEntropyLoss(sum)`` on the logits, scale ``1/N``."""
+        x, y = self._data["x"], self._data["y"]
+        n = x.shape[0]
+        return CurvatureProblem(
+            model=model,
+            loss_function=nn.CrossEntropyLoss(reduction="sum"),
+            batches=lambda pass_index: [(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)],
+            scale=1.0 / n,
+            n_rows=n,
+        )
+
+    def images(self, batch: Batch) -> Tensor:
+        """``(B, 1, 8, 8)`` in [0, 1]."""
+        return batch["x"].reshape(-1, 1, 8, 8).clamp(0, 1)
+
+    def describe(self) -> dict:
+        """Name and options."""
+        return {"name": self.name, **self.options}
