@@ -285,6 +285,8 @@ class HessianApproximation(ABC):
         *,
         params: Mapping[str, Tensor],
         train_gradients: GradientSource,
+        cache_dir: str | None = None,
+        progress: bool = False,
     ) -> Curvature:
         """Fit the curvature at ``model``'s parameters.
 
@@ -296,6 +298,8 @@ class HessianApproximation(ABC):
             params: the included parameters, ``name -> tensor`` (the parameter space's order).
             train_gradients: training gradients in this approximation's ``space`` (used by
                 empirical / projected Fisher fits; others may ignore it).
+            cache_dir: where fitted factors may be cached (None = no caching).
+            progress: show progress bars.
         """
 
 
@@ -335,6 +339,7 @@ class ScoringContext:
         cache_dir: where scorers may cache reusable work (gradients, factors); None = no cache.
         chunk_size: training examples per gradient chunk.
         progress: show progress bars.
+        executor: runs independent jobs (retraining) locally or on Ray.
         timings: phase name -> seconds; scorers add their phases here.
         info: free-form JSON-able facts recorded in the manifest.
     """
@@ -344,14 +349,21 @@ class ScoringContext:
     cache_dir: Any = None
     chunk_size: int = 64
     progress: bool = False
+    executor: Executor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
 
 class Scorer(ABC):
-    """Produces ``scores: (n_train, n_query)`` and predicts subset retraining from them."""
+    """Produces ``scores: (n_train, n_query)`` and predicts subset retraining from them.
+
+    Attributes:
+        uses_oracle: True for retraining oracles whose subset predictions are models trained
+            on each mask; the harness then passes the suite's stored ``oracle`` predictions.
+    """
 
     name: ClassVar[str] = "scorer"
+    uses_oracle: ClassVar[bool] = False
 
     @abstractmethod
     def scores(
@@ -359,12 +371,14 @@ class Scorer(ABC):
     ) -> Tensor:
         """``(n_train, n_query)`` scores under the sign convention of this module."""
 
-    def predict_subsets(self, masks: Tensor, scores: Tensor) -> Tensor:
+    def predict_subsets(self, masks: Tensor, scores: Tensor, *, oracle: Tensor | None = None) -> Tensor:
         """Predicted change of the target when training on kept examples only.
 
         Args:
             masks: ``(M, N)`` bool, True = kept.
             scores: ``(N, Q)`` from :meth:`scores`.
+            oracle: ``(M, Q)`` the suite's retrained-model predictions for these masks, passed
+                only to scorers with ``uses_oracle``; the additive default ignores it.
 
         Returns:
             ``(M, Q)``: additive default ``(1/N) · (~masks) @ scores`` (paper eq. 6).
@@ -376,3 +390,21 @@ class Scorer(ABC):
             )
         removed = (~masks.bool()).to(scores.dtype)
         return removed @ scores / scores.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Executor
+# --------------------------------------------------------------------------------------------
+class Executor(ABC):
+    """Runs independent jobs (retraining ensembles, measurement batches).
+
+    ``fn`` and ``items`` must be picklable for executors that leave the process (Ray).
+    """
+
+    name: ClassVar[str] = "executor"
+
+    @abstractmethod
+    def map(
+        self, fn: Callable[[Any], Any], items: Sequence[Any], *, desc: str = "", progress: bool = False
+    ) -> Iterator[tuple[int, Any]]:
+        """Apply ``fn`` to every item; yield ``(index, result)`` as jobs finish (any order)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attribution_core.builtin.compressors import Int8Compression, NoCompression
+from attribution_core.builtin.executors import LocalExecutor, LocalOptions
 from attribution_core.builtin.hessians import (
     DenseHessian,
     DenseOptions,
@@ -32,6 +33,7 @@ def attribution_register_components() -> list[Component]:
         Component("scorer", "influence", InfluenceScorer, "g_qᵀ (H + λI)⁻¹ g_j, composed with a compressor.", InfluenceOptions),
         Component("scorer", "gradient-similarity", GradientSimilarityScorer, "Cosine of (compressed) gradients.", SimilarityOptions),
         Component("measurement", "loss", TrainingLoss, "The task's training loss ℓ(θ, x) (target and default train_function).", TrainingLossOptions),
+        Component("executor", "local", LocalExecutor, "Run jobs sequentially in this process.", LocalOptions),
         Component("method", "grad-dot", MethodPreset("grad-dot", "influence", "identity", "none", help="Gradient dot product (identity Hessian)."), "Gradient dot product g_qᵀ g_j (identity Hessian)."),
         Component("method", "grad-cosine", MethodPreset("grad-cosine", "gradient-similarity", None, "none", help="Gradient cosine."), "Cosine similarity of loss gradients."),
         Component("method", "dense-influence", MethodPreset("dense-influence", "influence", "dense", "none", help="Exact influence."), "Reference: exact dense Hessian/GGN influence (tiny models)."),

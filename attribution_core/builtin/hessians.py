@@ -69,7 +69,7 @@ class IdentityHessian(HessianApproximation):
     def __init__(self, damping: float = 0.0, damping_mode: str = "absolute") -> None:
         self.damping = damping
 
-    def fit(self, model, task, train_measurement, seed, *, params, train_gradients) -> Curvature:  # noqa: D102
+    def fit(self, model, task, train_measurement, seed, *, params, train_gradients, cache_dir=None, progress=False) -> Curvature:  # noqa: D102
         return ScaledIdentity(self.damping)
 
 
@@ -127,6 +127,8 @@ class DenseHessian(HessianApproximation):
         *,
         params: Mapping[str, Tensor],
         train_gradients: GradientSource,
+        cache_dir: str | None = None,
+        progress: bool = False,
     ) -> Curvature:
         """Build ``H`` (``dense_hessian``/``dense_ggn``) and factor ``H + λI``."""
         p = sum(v.numel() for v in params.values())

@@ -104,6 +104,7 @@ class InfluenceScorer(_GradientScorer):
         curvature = hess.fit(
             model, task, train_fn, seed, params=params,
             train_gradients=lambda: train_source(True, "fit: train gradients"),
+            cache_dir=context.cache_dir, progress=context.progress,
         )
         context.timings["fit"] = time.perf_counter() - t0
         context.info["curvature"] = curvature.describe()
