@@ -8,7 +8,7 @@ is resolved (:func:`attribution_core.pipeline.resolve`) — still before any wor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -188,14 +188,38 @@ def format_validation_error(exc: ValidationError, where: str = "") -> str:
     return "; ".join(lines)
 
 
+def _submodel(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The (nested) model class that owns the last key of ``loc``."""
+    current = model
+    for part in loc[:-1]:
+        if not isinstance(part, str) or part not in current.model_fields:
+            continue
+        found = _find_model(current.model_fields[part].annotation)
+        if found is None:
+            break
+        current = found
+    return current
+
+
+def _find_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _find_model(arg)) is not None:
+            return found
+    return None
+
+
 def validate_model(model: type[BaseModel], data: dict[str, Any], *, where: str = "") -> BaseModel:
     """``model.model_validate(data)`` with a :class:`ConfigError` naming key paths and choices."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         msg = format_validation_error(exc, where)
-        if "unknown key" in msg:
-            msg += f" — valid keys: {', '.join(sorted(model.model_fields))}"
+        extra = [e for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if extra:
+            owner = _submodel(model, extra[0]["loc"])
+            msg += f" — valid keys: {', '.join(sorted(owner.model_fields))}"
         raise ConfigError(msg) from None
 
 
