@@ -90,6 +90,10 @@ class LDSConfig(StrictModel):
     removed_weight: float = Field(
         0.0, ge=0.0, lt=1.0, description="Weight of removed examples (0.5 = down-weighting)."
     )
+    batch: int = Field(
+        8, ge=1, description="Models per train_ensemble call (one executor job; the resume unit "
+        "is still one file per model)."
+    )
 
 
 class CounterfactualConfig(StrictModel):
@@ -104,6 +108,9 @@ class EvaluationConfig(StrictModel):
     """Ground truth for LDS and counterfactual evaluation."""
 
     suite: str | None = Field(None, description="Path to a pinned suite directory.")
+    targets: list[str | MeasurementConfig] | None = Field(
+        None, description="Targets a built suite measures (default: [target])."
+    )
     lds: LDSConfig | None = None
     counterfactual: CounterfactualConfig | None = None
 
@@ -232,7 +239,13 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     if not key:
         raise ConfigError(f"--set {text!r}: empty key path")
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
-    return path, yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return path, parsed
 
 
 def apply_override(data: dict[str, Any], path: list[str | int], value: Any) -> None:
