@@ -1,0 +1,1 @@
+"""TRAK and D-TRAK: seeded random projections and the projected empirical Fisher."""

@@ -1,0 +1,253 @@
+"""Compressor ``projection``: seeded Johnson–Lindenstrauss projections ``(n, p) -> (n, k)``.
+
+``C(G) = G Φ`` with ``Φ: (p, k)`` whose entries are
+
+* ``gaussian``: i.i.d. ``N(0, 1/k)``,
+* ``rademacher``: i.i.d. ``±1/√k`` (probability ½ each),
+* ``orthogonal``: ``√(p/k) · Q`` with ``Q`` the orthonormal columns of a Gaussian ``(p, k)``
+  matrix (``k ≤ p``); with ``k = p`` this is an exact rotation, used by the exactness tests.
+
+All three satisfy ``E[ΦΦᵀ] = I``, so inner products are preserved in expectation:
+``E[(Φᵀu)ᵀ(Φᵀv)] = uᵀv``; for the Gaussian case ``Var = (‖u‖²‖v‖² + (uᵀv)²)/k``.
+
+Back-ends (the resolved one is recorded by :meth:`ProjectionCompressor.describe`, hence in the
+manifest and in the gradient-cache key; the projection *type* never changes with the back-end):
+
+* ``torch`` (the ``auto`` default): ``Φ`` is generated in blocks of parameter rows, block ``b``
+  from its own CPU generator seeded by ``(seed, b)``; blocks are kept in memory when the whole
+  ``Φ`` fits in ``max_memory_mb``, otherwise regenerated block by block on every call (the full
+  matrix is then never materialised).
+* ``traker``: ``trak.projectors.BasicProjector`` (traker 0.3.x), whose N(0, 1)/±1 entries are
+  rescaled by ``1/√k``. It regenerates its ``(p, 100)`` column blocks on every call. With
+  ``proj_dim ≤ 100`` it keeps a single block that ``free_memory()`` deletes and never rebuilds
+  (``AttributeError`` on the next call), so there ``auto``/``traker`` resolve to ``torch`` and the
+  reason is recorded. traker's ``CudaProjector`` needs the ``fast_jl`` CUDA extension, which this
+  project does not install; it is not used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from attribution_core import ConfigError, GradientCompressor
+
+TRAKER_BLOCK = 100
+"""Column-block size of traker's ``BasicProjector`` (its default ``block_size``)."""
+
+
+class ProjectionOptions(BaseModel):
+    """Options of the ``projection`` compressor."""
+
+    model_config = ConfigDict(extra="forbid")
+    proj_dim: int = Field(2048, ge=1, description="k: dimension of the projected gradients.")
+    projection: Literal["gaussian", "rademacher", "orthogonal"] = Field(
+        "gaussian",
+        description="Entries N(0,1/k), ±1/√k, or √(p/k)·orthonormal columns (k ≤ p; tests).",
+    )
+    backend: Literal["auto", "traker", "torch"] = Field(
+        "auto",
+        description="auto = torch (blocked, cached); traker = trak.projectors.BasicProjector.",
+    )
+    block_mb: float = Field(
+        32.0, gt=0.0, description="Size of one generated block of Φ (MiB), torch back-end."
+    )
+    max_memory_mb: float = Field(
+        2048.0,
+        gt=0.0,
+        description="Memory allowed for Φ (cached blocks; the whole matrix for orthogonal) and "
+        "for the k×k projected Fisher.",
+    )
+
+
+def _block_seed(seed: int, block: int) -> int:
+    """Seed of parameter-row block ``block`` (a fixed odd-multiplier mix, < 2**63)."""
+    return (int(seed) * 1_000_003 + 0x5DEECE66D + int(block) * 2_654_435_761) % (2**63)
+
+
+class ProjectionCompressor(GradientCompressor):
+    """Seeded JL projection ``(n, p) -> (n, k)`` (see the module docstring)."""
+
+    name = "projection"
+
+    def __init__(
+        self,
+        proj_dim: int = 2048,
+        projection: str = "gaussian",
+        backend: str = "auto",
+        block_mb: float = 32.0,
+        max_memory_mb: float = 2048.0,
+    ) -> None:
+        if proj_dim < 1:
+            raise ConfigError(
+                f"proj_dim: {proj_dim} is not a positive dimension; give an integer ≥ 1 "
+                f"(TRAK uses 2048 on CIFAR, the diffusion paper 32768)"
+            )
+        self.proj_dim = int(proj_dim)
+        self.projection = projection
+        self.backend = backend
+        self.block_mb = block_mb
+        self.max_memory_mb = max_memory_mb
+        self.n_params: int | None = None
+        self.seed = 0
+        self.resolved_backend: str | None = None
+        self.backend_note = ""
+        self._blocks: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        self._traker: Any = None
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def fit(self, n_params: int, seed: int, *, layout: Sequence[tuple[str, int]] = ()) -> None:
+        """Fix ``p = n_params`` and the seed; resolve the back-end; check memory.
+
+        Raises:
+            ConfigError: ``orthogonal`` with ``k > p``, or a matrix that exceeds
+                ``max_memory_mb`` where it must be materialised.
+        """
+        p, k = int(n_params), self.proj_dim
+        self.n_params, self.seed = p, int(seed)
+        self._blocks.clear()
+        self._traker = None
+        if self.projection == "orthogonal":
+            if k > p:
+                raise ConfigError(
+                    f"proj_dim: {k} > n_params {p}; an orthogonal projection needs proj_dim ≤ "
+                    f"n_params — lower proj_dim or use projection: gaussian"
+                )
+            mb = p * k * 8 / 2**20
+            if mb > self.max_memory_mb:
+                raise ConfigError(
+                    f"proj_dim: {k} needs the whole ({p}, {k}) orthogonal matrix, {mb:.0f} MiB > "
+                    f"max_memory_mb={self.max_memory_mb:g}; lower proj_dim, raise max_memory_mb, "
+                    f"or use projection: gaussian (generated in blocks)"
+                )
+            self.resolved_backend, self.backend_note = "torch", "orthogonal (QR) needs torch"
+            return
+        if self.backend == "traker":
+            if k <= TRAKER_BLOCK:
+                self.resolved_backend = "torch"
+                self.backend_note = (
+                    f"traker BasicProjector with proj_dim {k} ≤ {TRAKER_BLOCK} keeps one block "
+                    f"that free_memory() deletes (AttributeError on reuse); used torch instead"
+                )
+            else:
+                block_mb = p * TRAKER_BLOCK * 8 / 2**20
+                if block_mb > self.max_memory_mb:
+                    raise ConfigError(
+                        f"backend: traker generates ({p}, {TRAKER_BLOCK}) blocks, {block_mb:.0f} "
+                        f"MiB > max_memory_mb={self.max_memory_mb:g}; use backend: torch"
+                    )
+                self.resolved_backend = "traker"
+                self.backend_note = "trak.projectors.BasicProjector"
+        else:
+            self.resolved_backend = "torch"
+            self.backend_note = "blocked torch generator (auto default: Φ generated once, cached)"
+
+    def _rows_per_block(self, itemsize: int) -> int:
+        return max(1, int(self.block_mb * 2**20 // (self.proj_dim * itemsize)))
+
+    def _check_fitted(self, G: Tensor) -> None:
+        if self.n_params is None:
+            raise ConfigError("compressor projection: call fit(n_params, seed) before compress()")
+        if G.ndim != 2 or G.shape[1] != self.n_params:
+            raise ValueError(
+                f"gradients mismatch: expected (n, {self.n_params}), got {tuple(G.shape)}."
+            )
+
+    # ---- Φ -----------------------------------------------------------------------------------
+    def _gen_block(self, b: int, rows: int, dtype: torch.dtype) -> Tensor:
+        """Block ``b`` of Φ: ``(rows, k)`` with the configured distribution, on CPU."""
+        gen = torch.Generator().manual_seed(_block_seed(self.seed, b))
+        k = self.proj_dim
+        if self.projection == "gaussian":
+            return torch.randn(rows, k, generator=gen, dtype=dtype) / math.sqrt(k)
+        signs = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8)
+        return (signs.to(dtype) * 2 - 1) / math.sqrt(k)
+
+    def _orthogonal(self, dtype: torch.dtype) -> Tensor:
+        p, k = self.n_params, self.proj_dim
+        gen = torch.Generator().manual_seed(_block_seed(self.seed, 0))
+        A = torch.randn(p, k, generator=gen, dtype=torch.float64)
+        Q, R = torch.linalg.qr(A)
+        Q = Q * torch.sign(torch.diagonal(R))  # unique (Haar) choice of signs
+        return (Q * math.sqrt(p / k)).to(dtype)
+
+    def matrix_blocks(self, dtype: torch.dtype, device: torch.device) -> list[tuple[slice, Tensor]]:
+        """``[(rows, Φ[rows])]`` covering all ``p`` rows (cached if they fit in memory)."""
+        assert self.n_params is not None
+        p = self.n_params
+        if self.projection == "orthogonal":
+            key = (dtype, device)
+            if key not in self._blocks:
+                self._blocks[key] = [self._orthogonal(dtype).to(device)]
+            return [(slice(0, p), self._blocks[key][0])]
+        itemsize = torch.finfo(dtype).bits // 8
+        rows = self._rows_per_block(itemsize)
+        bounds = [(b, slice(a, min(a + rows, p))) for b, a in enumerate(range(0, p, rows))]
+        fits = p * self.proj_dim * itemsize / 2**20 <= self.max_memory_mb
+        key = (dtype, device)
+        if fits and key in self._blocks:
+            return list(zip([s for _, s in bounds], self._blocks[key], strict=True))
+        out = [(s, self._gen_block(b, s.stop - s.start, dtype).to(device)) for b, s in bounds]
+        if fits:
+            self._blocks[key] = [m for _, m in out]
+        return out
+
+    # ---- compress ----------------------------------------------------------------------------
+    def compress(self, gradients: Tensor) -> Tensor:
+        """``(n, p) -> (n, k)``: ``G Φ`` in the gradients' dtype and device."""
+        self._check_fitted(gradients)
+        if self.resolved_backend == "traker":
+            return self._compress_traker(gradients)
+        dtype, device = gradients.dtype, gradients.device
+        out = torch.zeros(gradients.shape[0], self.proj_dim, dtype=dtype, device=device)
+        if self.projection != "orthogonal" and (
+            self.n_params * self.proj_dim * (torch.finfo(dtype).bits // 8) / 2**20
+            > self.max_memory_mb
+        ):
+            # stream: generate, use and drop one block at a time
+            itemsize = torch.finfo(dtype).bits // 8
+            rows = self._rows_per_block(itemsize)
+            for b, a in enumerate(range(0, self.n_params, rows)):
+                s = slice(a, min(a + rows, self.n_params))
+                out += gradients[:, s] @ self._gen_block(b, s.stop - s.start, dtype).to(device)
+            return out
+        for s, block in self.matrix_blocks(dtype, device):
+            out += gradients[:, s] @ block
+        return out
+
+    def _compress_traker(self, gradients: Tensor) -> Tensor:
+        from trak.projectors import BasicProjector, ProjectionType
+
+        if self._traker is None or self._traker.dtype != gradients.dtype:
+            self._traker = BasicProjector(
+                grad_dim=self.n_params,
+                proj_dim=self.proj_dim,
+                seed=self.seed,
+                proj_type=ProjectionType.normal
+                if self.projection == "gaussian"
+                else ProjectionType.rademacher,
+                device=gradients.device,
+                block_size=TRAKER_BLOCK,
+                dtype=gradients.dtype,
+            )
+        out = self._traker.project(gradients, model_id=0)
+        return out / math.sqrt(self.proj_dim)
+
+    def describe(self) -> dict[str, Any]:
+        """Name, k, p, distribution, seed and the resolved back-end (with the reason)."""
+        return {
+            "name": self.name,
+            "proj_dim": self.proj_dim,
+            "n_params": self.n_params,
+            "projection": self.projection,
+            "scale": "1/sqrt(k)" if self.projection != "orthogonal" else "sqrt(p/k)",
+            "seed": self.seed,
+            "backend": self.backend,
+            "resolved_backend": self.resolved_backend,
+            "backend_note": self.backend_note,
+        }
