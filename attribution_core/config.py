@@ -124,13 +124,19 @@ class ExecutorConfig(OpenModel):
 class RunConfig(StrictModel):
     """One YAML file: task, queries, methods, target, evaluation, executor."""
 
-    task: TaskConfig
-    methods: list[str | MethodConfig] = Field(min_length=1)
+    task: TaskConfig = Field(description="`{name: <task>, <task options>...}` (see Tasks below).")
+    methods: list[str | MethodConfig] = Field(
+        min_length=1, description="Method names or `{name, label, <overrides>}` entries."
+    )
     target: str | MeasurementConfig = Field("loss", description="What is predicted.")
-    queries: QueriesConfig = QueriesConfig()
-    model: ModelConfig = ModelConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    executor: ExecutorConfig = ExecutorConfig()
+    queries: QueriesConfig = Field(QueriesConfig(), description="Where queries come from.")
+    model: ModelConfig = Field(ModelConfig(), description="The model being attributed.")
+    evaluation: EvaluationConfig = Field(
+        EvaluationConfig(), description="Suite, LDS and counterfactual settings."
+    )
+    executor: ExecutorConfig = Field(
+        ExecutorConfig(), description="`{name: local}` or `{name: ray, address: auto}`."
+    )
     seed: int = Field(0, description="Run seed: default for every method's random choices.")
     threads: int = Field(1, ge=1, description="torch intra-op threads (recorded; bitwise repeatability).")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
