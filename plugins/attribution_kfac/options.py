@@ -1,0 +1,86 @@
+"""Options of the ``kfac``, ``ekfac`` and ``ggn-cg`` Hessian approximations (pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Damping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    damping: float = Field(
+        1e-8,
+        ge=0.0,
+        description="λ in (H + λI)⁻¹, absolute in the units of L_D (the task's 2·l2 is added).",
+    )
+    damping_mode: Literal["absolute", "relative"] = Field(
+        "absolute", description="relative: λ = damping · tr(H)/p."
+    )
+    n_samples: int = Field(
+        1, ge=1, description="Monte-Carlo draws (e.g. of (t, ε)) per training example in the fit."
+    )
+
+
+class KFACOptions(_Damping):
+    """Options of the ``kfac`` Hessian."""
+
+    fisher: Literal["mc", "empirical", "type-2", "forward-only"] = Field(
+        "mc",
+        description="mc = MC-Fisher (GGN^model), empirical = GGN^loss (true targets), "
+        "type-2 = exact GGN factors, forward-only = input covariances only.",
+    )
+    mc_samples: int = Field(1, ge=1, description="Pseudo-targets per row (fisher mc only).")
+    approx: Literal["expand", "reduce"] = Field(
+        "expand", description="K-FAC-expand or K-FAC-reduce for weight-sharing layers."
+    )
+    separate_weight_and_bias: bool = Field(
+        True, description="Separate Kronecker blocks for weight and bias (False: joint)."
+    )
+    damping_kind: Literal["exact", "factored"] = Field(
+        "exact",
+        description="exact: (H + λI)⁻¹ via factor eigendecompositions; factored: "
+        "(√s·A + √λ·I)⁻¹ ⊗ (√s·G + √λ·I)⁻¹ (K-FAC only).",
+    )
+    cache: bool = Field(True, description="Cache fitted factors under <cache_dir>/kfac/.")
+
+    @model_validator(mode="after")
+    def _check(self) -> KFACOptions:
+        if self.mc_samples != 1 and self.fisher != "mc":
+            raise ValueError(
+                f"mc_samples={self.mc_samples} only applies to fisher 'mc' (got fisher "
+                f"{self.fisher!r}); set mc_samples: 1 or fisher: mc"
+            )
+        return self
+
+
+class EKFACOptions(KFACOptions):
+    """Options of the ``ekfac`` Hessian (no forward-only Fisher, exact damping only)."""
+
+    @model_validator(mode="after")
+    def _check_ekfac(self) -> EKFACOptions:
+        if self.fisher == "forward-only":
+            raise ValueError(
+                "fisher 'forward-only' is not supported by ekfac (its eigenvalue correction "
+                "needs output gradients); use fisher mc | empirical | type-2, or hessian kfac"
+            )
+        if self.damping_kind != "exact":
+            raise ValueError(
+                "damping_kind 'factored' is not supported by ekfac (its eigenvalues are not "
+                "Kronecker products); use damping_kind: exact, or hessian kfac"
+            )
+        return self
+
+
+class GGNCGOptions(_Damping):
+    """Options of the ``ggn-cg`` Hessian (exact damped GGN, conjugate gradients)."""
+
+    damping: float = Field(
+        1e-4, ge=0.0, description="λ in (H + λI)⁻¹, absolute (the task's 2·l2 is added)."
+    )
+    rtol: float = Field(1e-6, gt=0.0, lt=1.0, description="CG stops at ‖r‖ ≤ rtol·‖b‖ per column.")
+    maxiter: int = Field(500, ge=1, description="Maximum CG iterations.")
+    max_columns: int = Field(32, ge=1, description="Right-hand sides solved together.")
+    trace_probes: int = Field(
+        32, ge=1, description="Hutchinson probes estimating tr(H) for damping_mode relative."
+    )

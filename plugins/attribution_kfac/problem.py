@@ -1,0 +1,139 @@
+"""Shared set-up for curvlinops back-ends: the task's curvature problem, parameters, data passes."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from attribution_core.errors import ConfigError
+from attribution_core.interfaces import CurvatureProblem, Task
+from attribution_kfac.curvature import Block
+
+log = logging.getLogger("attribution_kfac")
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def curvlinops():
+    """Import curvlinops with its import-time DeprecationWarnings silenced (never fatal)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        import curvlinops as cl
+        from curvlinops import ekfac  # noqa: F401  (its import warns in some versions)
+    return cl
+
+
+class Passes:
+    """Re-iterable data for curvlinops: each ``iter()`` is ``problem.batches(pass_index)``.
+
+    ``pass_index`` is set explicitly before each curvlinops data pass, so every pass draws
+    its own seeded Monte-Carlo noise (fresh noise per pass; curvlinops must then be built with
+    ``check_deterministic=False``).
+    """
+
+    def __init__(self, batches: Callable[[int], Iterable[tuple[Any, Tensor]]]) -> None:
+        self.batches = batches
+        self.pass_index = 0
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        return iter(self.batches(self.pass_index))
+
+
+def get_problem(
+    model: nn.Module, task: Task, seed: int, n_samples: int, who: str
+) -> CurvatureProblem:
+    """``task.curvature_problem`` with a ConfigError for tasks that have none."""
+    try:
+        return task.curvature_problem(model, seed, n_samples)
+    except NotImplementedError:
+        raise ConfigError(
+            f"hessian {who}: task {task.name!r} does not expose a curvature problem "
+            f"(loss(f(x), y)); use hessian dense or identity with this task"
+        ) from None
+
+
+def check_params(params: Mapping[str, Tensor], who: str) -> None:
+    """Refuse an empty parameter set (no Linear/Conv2d layers)."""
+    if not params:
+        raise ConfigError(
+            f"hessian {who}: the model has no Linear/Conv2d parameters; K-FAC, EK-FAC and "
+            f"ggn-cg model only nn.Linear and nn.Conv2d layers — use hessian dense or identity"
+        )
+
+
+def problem_parameters(
+    problem: CurvatureProblem, params: Mapping[str, Tensor], who: str
+) -> tuple[list[Tensor], list[str]]:
+    """The problem model's parameter objects in ``params`` order, and the excluded names.
+
+    Parameters are matched by ``id()`` (the problem model shares them with the task model).
+    Trainable parameters of the problem model outside ``params`` are excluded from the
+    curvature (held fixed) and logged, never silently dropped.
+
+    Raises:
+        ConfigError: a parameter in ``params`` is not shared with the problem model.
+    """
+    by_id = {id(p): n for n, p in problem.model.named_parameters()}
+    missing = [n for n, p in params.items() if id(p) not in by_id]
+    if missing:
+        raise ConfigError(
+            f"hessian {who}: the curvature problem's model does not share parameters "
+            f"{missing[:3]} with the task model; the task's curvature_problem must wrap, "
+            f"not copy, the model"
+        )
+    ids = {id(p) for p in params.values()}
+    excluded = [
+        n for n, p in problem.model.named_parameters() if p.requires_grad and id(p) not in ids
+    ]
+    if excluded:
+        log.info(
+            "hessian %s: %d parameters excluded (held fixed): %s", who, len(excluded), excluded
+        )
+    return list(params.values()), excluded
+
+
+def layer_blocks(
+    problem: CurvatureProblem, params: Mapping[str, Tensor], joint: bool, who: str
+) -> list[Block]:
+    """One :class:`Block` per Linear/Conv2d module of the problem model holding included params.
+
+    ``joint`` requests ``[W | b]`` blocks (``separate_weight_and_bias=False``); layers with only
+    one of weight/bias included are always separate.
+
+    Raises:
+        ConfigError: an included parameter lives outside Linear/Conv2d modules.
+    """
+    offsets: dict[int, int] = {}
+    names: dict[int, str] = {}
+    off = 0
+    for name, p in params.items():
+        offsets[id(p)], names[id(p)] = off, name
+        off += p.numel()
+    blocks: list[Block] = []
+    seen: set[int] = set()
+    for mod_name, mod in problem.model.named_modules():
+        if not isinstance(mod, SUPPORTED):
+            continue
+        w = mod.weight if id(mod.weight) in offsets else None
+        b = mod.bias if mod.bias is not None and id(mod.bias) in offsets else None
+        if w is None and b is None:
+            continue
+        weight = (offsets[id(w)], w.shape[0], w[0].numel()) if w is not None else None
+        bias = (offsets[id(b)], b.shape[0]) if b is not None else None
+        label = names[id(w if w is not None else b)].rsplit(".", 1)[0]
+        blocks.append(
+            Block(mod_name, label, weight, bias, joint and w is not None and b is not None)
+        )
+        seen.update(id(t) for t in (w, b) if t is not None)
+    outside = [names[i] for i in offsets if i not in seen]
+    if outside:
+        raise ConfigError(
+            f"hessian {who}: parameters {outside[:3]} are not in nn.Linear/nn.Conv2d modules "
+            f"of the curvature model; only those layers are supported"
+        )
+    return blocks
