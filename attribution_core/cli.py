@@ -118,6 +118,98 @@ def attribute(
         typer.echo(f"{label}: scores {tuple(manifest['shape'])} -> {out / label} ({t:.1f} s)")
 
 
+suite_app = typer.Typer(no_args_is_help=True, help="Pinned LDS suites (ground truth).")
+app.add_typer(suite_app, name="suite")
+
+
+@suite_app.command("build")
+@guarded
+def suite_build(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML) with evaluation.lds.")],
+    out: Annotated[Path, typer.Option("--out", help="Suite directory (resumes if it exists).")],
+    set_: SetOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Train base model, queries, masks, retrainings and oracle; measure targets (resumable)."""
+    from attribution_core.evaluation.suite import build_suite
+
+    suite = build_suite(config, out, overrides=tuple(set_ or ()), progress=not quiet)
+    for tid, r in suite.meta["reliability"].items():
+        typer.echo(
+            f"{tid}: split-seed r {r['split_seed_r']:.3f}, reliability {r['reliability']:.3f}, "
+            f"between/within variance {r['variance_ratio']:.3g}"
+            + ("  [too noisy to rank methods]" if r["reliability"] < 0.3 else "")
+        )
+    typer.echo(f"suite -> {out}")
+
+
+@app.command()
+@guarded
+def bench(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML) with evaluation.suite.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    set_: SetOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Every method on a pinned suite (no training): lds.csv, report.md, report.html, figures."""
+    from attribution_core.evaluation.bench import bench as run
+
+    table = run(config, out, overrides=tuple(set_ or ()), progress=not quiet)
+    typer.echo(table.to_string(index=False))
+    typer.echo(f"report -> {out / 'report.html'}")
+
+
+@app.command()
+@guarded
+def counterfactual(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output directory (a bench output is reused).")
+    ],
+    set_: SetOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Retrain without each method's top influences vs random removal (resumable)."""
+    from attribution_core.evaluation.counterfactual import counterfactual as run
+
+    table = run(config, out, overrides=tuple(set_ or ()), progress=not quiet)
+    typer.echo(table.to_string(index=False))
+
+
+@app.command()
+@guarded
+def topk(
+    directory: Annotated[Path, typer.Argument(help="A bench/attribute output directory.")],
+    query: Annotated[int, typer.Option("--query", help="Query index.")],
+    k: Annotated[int, typer.Option("--k", help="Examples per sign.")] = 8,
+    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """Top positive and negative training examples of a query, per method."""
+    from attribution_core.report.topk import format_topk
+    from attribution_core.report.topk import topk as run
+
+    if format not in ("table", "json"):
+        _fail(f"--format {format!r}: valid formats: table, json")
+    typer.echo(format_topk(run(directory, query, k), query, format))
+
+
+@app.command()
+@guarded
+def report(
+    directory: Annotated[Path, typer.Argument(help="A bench output directory.")],
+) -> None:
+    """Rebuild report.md, report.html and figures from stored results."""
+    from attribution_core.errors import DataError
+    from attribution_core.report.render import write_report
+
+    if not (directory / "bench.json").is_file():
+        raise DataError(
+            f"{str(directory)!r} has no bench.json; run `attribution bench CONFIG --out DIR` first"
+        )
+    md, html = write_report(directory)
+    typer.echo(f"report -> {md}, {html}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:

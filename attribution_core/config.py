@@ -50,7 +50,9 @@ class MethodConfig(OpenModel):
     """
 
     label: str | None = Field(None, description="Output directory name; default: the method name.")
-    seed: int | None = Field(None, description="Seed of the method's random choices; default: run seed.")
+    seed: int | None = Field(
+        None, description="Seed of the method's random choices; default: run seed."
+    )
     train_function: str | MeasurementConfig | None = Field(
         None, description="Measurement whose gradient stands for ∇ℓ(θ, x_j)."
     )
@@ -91,8 +93,10 @@ class LDSConfig(StrictModel):
         0.0, ge=0.0, lt=1.0, description="Weight of removed examples (0.5 = down-weighting)."
     )
     batch: int = Field(
-        8, ge=1, description="Models per train_ensemble call (one executor job; the resume unit "
-        "is still one file per model)."
+        8,
+        ge=1,
+        description="Models per train_ensemble call (one executor job; the resume unit "
+        "is still one file per model).",
     )
 
 
@@ -124,7 +128,11 @@ class ExecutorConfig(OpenModel):
 class RunConfig(StrictModel):
     """One YAML file: task, queries, methods, target, evaluation, executor."""
 
-    task: TaskConfig = Field(description="`{name: <task>, <task options>...}` (see Tasks below).")
+    task: TaskConfig | None = Field(
+        None,
+        description="`{name: <task>, <task options>...}` (see Tasks below); required unless a "
+        "Task object is passed to `attribute(..., task=...)`.",
+    )
     methods: list[str | MethodConfig] = Field(
         min_length=1, description="Method names or `{name, label, <overrides>}` entries."
     )
@@ -138,7 +146,9 @@ class RunConfig(StrictModel):
         ExecutorConfig(), description="`{name: local}` or `{name: ray, address: auto}`."
     )
     seed: int = Field(0, description="Run seed: default for every method's random choices.")
-    threads: int = Field(1, ge=1, description="torch intra-op threads (recorded; bitwise repeatability).")
+    threads: int = Field(
+        1, ge=1, description="torch intra-op threads (recorded; bitwise repeatability)."
+    )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "float64"] = Field("float32", description="Model and gradient dtype.")
     chunk_size: int = Field(64, ge=1, description="Training examples per gradient chunk.")
@@ -149,9 +159,7 @@ class RunConfig(StrictModel):
         labels = [label_of(m) for m in self.methods]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
-            raise ValueError(
-                f"duplicate method labels {dup}: give each entry its own `label`"
-            )
+            raise ValueError(f"duplicate method labels {dup}: give each entry its own `label`")
         return self
 
 

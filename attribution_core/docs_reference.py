@@ -65,15 +65,26 @@ def render(registry: Registry | None = None) -> str:
     ]
     for title, model in sections:
         out += [f"## {title}", "", *model_table(model), ""]
-    titles = {"task": "Tasks", "measurement": "Measurements", "hessian": "Hessian approximations",
-              "compressor": "Compressors", "scorer": "Scorers", "executor": "Executors"}
+    titles = {
+        "task": "Tasks",
+        "measurement": "Measurements",
+        "hessian": "Hessian approximations",
+        "compressor": "Compressors",
+        "scorer": "Scorers",
+        "executor": "Executors",
+    }
     for kind, title in titles.items():
         out += [f"## {title}", ""]
         for comp in reg.components(kind):
             out += [f"### `{comp.name}` ({comp.plugin})", "", comp.help, ""]
             if comp.options is not None and comp.options.model_fields:
                 out += [*model_table(comp.options), ""]
-    out += ["## Methods (presets)", "", "| method | scorer | hessian | compressor | train_function | query_function | defaults |", "|---|---|---|---|---|---|---|"]
+    out += [
+        "## Methods (presets)",
+        "",
+        "| method | scorer | hessian | compressor | train_function | query_function | defaults |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for comp in reg.components("method"):
         p = comp.factory
         out.append(

@@ -66,7 +66,9 @@ def example_noise(
     """Noise for rows ``start .. start+B`` of a dataset, drawn per example (see module doc)."""
     n = batch_size(batch)
     parts = [
-        measurement.draw(index_batch(batch, slice(i, i + 1)), example_generator(seed, stream, start + i))
+        measurement.draw(
+            index_batch(batch, slice(i, i + 1)), example_generator(seed, stream, start + i)
+        )
         for i in range(n)
     ]
     if not parts or not parts[0]:
@@ -226,8 +228,15 @@ def gradient_chunks(
     """
     if cache is None:
         for rows, G in iter_gradients(
-            model, measurement, data, params, seed=seed, stream=stream,
-            chunk_size=chunk_size, progress=progress, desc=desc,
+            model,
+            measurement,
+            data,
+            params,
+            seed=seed,
+            stream=stream,
+            chunk_size=chunk_size,
+            progress=progress,
+            desc=desc,
         ):
             yield rows, (transform(G) if transform else G)
         return
@@ -246,8 +255,16 @@ def gradient_chunks(
     if cached is None:
         blocks = []
         for rows, G in gradient_chunks(
-            model, measurement, data, params, seed=seed, stream=stream,
-            chunk_size=chunk_size, progress=progress, desc=desc, transform=transform,
+            model,
+            measurement,
+            data,
+            params,
+            seed=seed,
+            stream=stream,
+            chunk_size=chunk_size,
+            progress=progress,
+            desc=desc,
+            transform=transform,
         ):
             blocks.append(G.detach().cpu().numpy())
             yield rows, G

@@ -371,7 +371,9 @@ class Scorer(ABC):
     ) -> Tensor:
         """``(n_train, n_query)`` scores under the sign convention of this module."""
 
-    def predict_subsets(self, masks: Tensor, scores: Tensor, *, oracle: Tensor | None = None) -> Tensor:
+    def predict_subsets(
+        self, masks: Tensor, scores: Tensor, *, oracle: Tensor | None = None
+    ) -> Tensor:
         """Predicted change of the target when training on kept examples only.
 
         Args:
@@ -405,6 +407,11 @@ class Executor(ABC):
 
     @abstractmethod
     def map(
-        self, fn: Callable[[Any], Any], items: Sequence[Any], *, desc: str = "", progress: bool = False
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        desc: str = "",
+        progress: bool = False,
     ) -> Iterator[tuple[int, Any]]:
         """Apply ``fn`` to every item; yield ``(index, result)`` as jobs finish (any order)."""

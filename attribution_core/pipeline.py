@@ -67,10 +67,21 @@ class AttributionResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def resolve(config: RunConfig, registry: Registry | None = None) -> Resolved:
+def resolve(
+    config: RunConfig, registry: Registry | None = None, *, task_given: bool = False
+) -> Resolved:
     """Validate every name and option of ``config`` against the registry (no work done)."""
     reg = registry or get_registry()
-    task_opts = reg.validate_options("task", config.task.name, config.task.options, where="task")
+    if config.task is None:
+        if not task_given:
+            raise ConfigError(
+                "task: required (e.g. `task: {name: ddpm-digits}`); see `attribution list --kind task`"
+            )
+        task_opts = {}
+    else:
+        task_opts = reg.validate_options(
+            "task", config.task.name, config.task.options, where="task"
+        )
     target = as_measurement(config.target)
     comp = reg.get("measurement", target.name, where="target")
     target_opts = reg.validate_options("measurement", target.name, target.options, where="target")
@@ -87,7 +98,10 @@ def resolve(config: RunConfig, registry: Registry | None = None) -> Resolved:
         for i, m in enumerate(config.methods)
     ]
     for i, m in enumerate(methods):
-        for role, ref in (("train_function", m.train_function_config), ("query_function", m.query_function_config)):
+        for role, ref in (
+            ("train_function", m.train_function_config),
+            ("query_function", m.query_function_config),
+        ):
             if ref is not None:
                 reg.validate_options(
                     "measurement", ref.name, ref.options, where=f"methods[{i}].{role}"
@@ -115,12 +129,16 @@ def build_method(resolved: Resolved, method: ResolvedMethod, task: Task, index: 
     reg = resolved.registry
     where = f"methods[{index}]"
     if method.hessian_name:
-        method.hessian = reg.create("hessian", method.hessian_name, where=where, **method.hessian_options)
+        method.hessian = reg.create(
+            "hessian", method.hessian_name, where=where, **method.hessian_options
+        )
     if method.compressor_name:
         method.compressor = reg.create(
             "compressor", method.compressor_name, where=where, **method.compressor_options
         )
-    method.train_function = build_measurement(reg, task, method.train_function_config, f"{where}.train_function")
+    method.train_function = build_measurement(
+        reg, task, method.train_function_config, f"{where}.train_function"
+    )
     if method.query_function_config is not None:
         method.query_function = build_measurement(
             reg, task, method.query_function_config, f"{where}.query_function"
@@ -140,7 +158,9 @@ def load_or_train_model(task: Task, config: RunConfig) -> nn.Module:
         try:
             model.load_state_dict(load_file(str(path)))
         except RuntimeError as exc:
-            raise DataError(f"model.path: {str(path)!r} does not fit task {task.name!r}: {exc}") from None
+            raise DataError(
+                f"model.path: {str(path)!r} does not fit task {task.name!r}: {exc}"
+            ) from None
         return model.to(task.device).eval()
     if config.cache_dir:
         key = cache_key(task=task.describe(), seed=config.model.seed, dtype=config.dtype)
@@ -167,10 +187,14 @@ def load_queries(task: Task, model: nn.Module, config: RunConfig) -> Batch:
         queries = {k: v[: q.count] for k, v in train.items()}
     else:
         if not q.path or not Path(q.path).is_file():
-            raise DataError(f"queries.path: {q.path!r} does not exist; give an .npz of named arrays")
+            raise DataError(
+                f"queries.path: {q.path!r} does not exist; give an .npz of named arrays"
+            )
         with np.load(q.path) as npz:
             queries = {
-                k: torch.as_tensor(npz[k]).to(device=task.device, dtype=train[k].dtype if k in train else None)
+                k: torch.as_tensor(npz[k]).to(
+                    device=task.device, dtype=train[k].dtype if k in train else None
+                )
                 for k in npz.files
             }
     check_query_shapes(train, queries)
@@ -211,22 +235,32 @@ def attribute(
     overrides: list[str] | tuple[str, ...] = (),
     registry: Registry | None = None,
     progress: bool = False,
+    task: Task | None = None,
 ) -> AttributionResult:
     """Run every method of ``config``; write ``OUT/<label>/scores.npy`` and ``manifest.json``.
 
     A method whose ``scores.npy`` exists in ``out`` with a manifest recording the same resolved
     method and inputs is not recomputed (resume at method granularity).
 
+    Args:
+        config: YAML path, dict or :class:`RunConfig`.
+        out: output directory (None: nothing written).
+        overrides: ``--set``-style ``"a.b=c"`` strings.
+        registry: a registry (default: a fresh one from the installed entry points).
+        progress: show progress bars.
+        task: a :class:`Task` object (e.g. :class:`attribution_core.wrap.ModuleTask`) used
+            instead of ``config.task``.
+
     Returns:
         :class:`AttributionResult` with ``scores[label]: (n_train, n_query)``.
     """
     cfg = load_config(config, overrides)
-    resolved = resolve(cfg, registry)
+    resolved = resolve(cfg, registry, task_given=task is not None)
     torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    task = build_task(resolved)
+    task = task if task is not None else build_task(resolved)
     model = load_or_train_model(task, cfg)
     timings["model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -293,7 +327,9 @@ def attribute(
     return AttributionResult(scores, manifests, task, model, queries, out_dir, timings)
 
 
-def _finished(directory: Path, identity: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]] | None:
+def _finished(
+    directory: Path, identity: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, Any]] | None:
     scores, manifest = directory / "scores.npy", directory / "manifest.json"
     if not (scores.is_file() and manifest.is_file()):
         return None

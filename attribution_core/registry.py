@@ -98,9 +98,7 @@ class Registry:
         except KeyError:
             valid = ", ".join(self.names(kind)) or "(none registered)"
             at = f"{where}: " if where else ""
-            raise ConfigError(
-                f"{at}unknown {kind} {name!r}; valid {kind}s: {valid}"
-            ) from None
+            raise ConfigError(f"{at}unknown {kind} {name!r}; valid {kind}s: {valid}") from None
 
     def components(self, kind: str | None = None) -> list[Component]:
         """All components (of ``kind``), sorted by kind then name."""

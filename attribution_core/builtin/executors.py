@@ -23,7 +23,12 @@ class LocalExecutor(Executor):
     name = "local"
 
     def map(
-        self, fn: Callable[[Any], Any], items: Sequence[Any], *, desc: str = "", progress: bool = False
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        desc: str = "",
+        progress: bool = False,
     ) -> Iterator[tuple[int, Any]]:
         """Yield ``(i, fn(items[i]))`` in order."""
         with progress_bar(len(items), desc or "jobs", enabled=progress) as bar:

@@ -69,7 +69,18 @@ class IdentityHessian(HessianApproximation):
     def __init__(self, damping: float = 0.0, damping_mode: str = "absolute") -> None:
         self.damping = damping
 
-    def fit(self, model, task, train_measurement, seed, *, params, train_gradients, cache_dir=None, progress=False) -> Curvature:  # noqa: D102
+    def fit(
+        self,
+        model,
+        task,
+        train_measurement,
+        seed,
+        *,
+        params,
+        train_gradients,
+        cache_dir=None,
+        progress=False,
+    ) -> Curvature:
         return ScaledIdentity(self.damping)
 
 
@@ -155,9 +166,7 @@ def _flat_fn(model: nn.Module, params: Mapping[str, Tensor]):
     fixed.update(dict(model.named_buffers()))
 
     def unflatten(theta: Tensor) -> dict[str, Tensor]:
-        return {
-            n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes, strict=True)
-        }
+        return {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes, strict=True)}
 
     theta0 = torch.cat([params[n].detach().reshape(-1) for n in names])
     return theta0, unflatten, fixed

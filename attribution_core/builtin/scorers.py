@@ -17,6 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from attribution_core.builtin.compressors import NoCompression
+from attribution_core.builtin.hessians import IdentityHessian
 from attribution_core.errors import ConfigError
 from attribution_core.gradients import (
     GradientCache,
@@ -27,8 +29,6 @@ from attribution_core.gradients import (
 )
 from attribution_core.interfaces import Batch, GradientCompressor, Scorer, ScoringContext, Task
 from attribution_core.methods import ResolvedMethod
-from attribution_core.builtin.compressors import NoCompression
-from attribution_core.builtin.hessians import IdentityHessian
 
 
 class InfluenceOptions(BaseModel):
@@ -69,7 +69,9 @@ class _GradientScorer(Scorer):
         compressor: GradientCompressor = self.method.compressor or NoCompression()
         compressor.fit(sum(k for _, k in layout), self.method.seed, layout=layout)
         context.info["compressor"] = compressor.describe()
-        use_cache = context.cache_dir is not None and self.options.get("cache_train_gradients", True)
+        use_cache = context.cache_dir is not None and self.options.get(
+            "cache_train_gradients", True
+        )
         cache = GradientCache(context.cache_dir) if use_cache else None
         query_fn = self.method.query_function or context.target
         return params, compressor, cache, query_fn
@@ -93,18 +95,30 @@ class InfluenceScorer(_GradientScorer):
 
         def train_source(progress: bool = False, desc: str = "train gradients"):
             return gradient_chunks(
-                model, train_fn, data, params, seed=seed, stream="train",
-                chunk_size=context.chunk_size, progress=progress and context.progress,
-                desc=desc, cache=cache,
+                model,
+                train_fn,
+                data,
+                params,
+                seed=seed,
+                stream="train",
+                chunk_size=context.chunk_size,
+                progress=progress and context.progress,
+                desc=desc,
+                cache=cache,
                 transform=compressor.compress if compressed else None,
                 transform_key=compressor.describe() if compressed else None,
             )
 
         t0 = time.perf_counter()
         curvature = hess.fit(
-            model, task, train_fn, seed, params=params,
+            model,
+            task,
+            train_fn,
+            seed,
+            params=params,
             train_gradients=lambda: train_source(True, "fit: train gradients"),
-            cache_dir=context.cache_dir, progress=context.progress,
+            cache_dir=context.cache_dir,
+            progress=context.progress,
         )
         context.timings["fit"] = time.perf_counter() - t0
         context.info["curvature"] = curvature.describe()
@@ -112,12 +126,20 @@ class InfluenceScorer(_GradientScorer):
         t0 = time.perf_counter()
         Gq = stack_gradients(
             gradient_chunks(
-                model, query_fn, queries, params, seed=seed, stream="query",
-                chunk_size=context.chunk_size, desc="query gradients",
+                model,
+                query_fn,
+                queries,
+                params,
+                seed=seed,
+                stream="query",
+                chunk_size=context.chunk_size,
+                desc="query gradients",
             )
         )
-        Q = curvature.solve(compressor.compress(Gq)) if compressed else compressor.compress(
-            curvature.solve(Gq)
+        Q = (
+            curvature.solve(compressor.compress(Gq))
+            if compressed
+            else compressor.compress(curvature.solve(Gq))
         )
         context.timings["query_gradients"] = time.perf_counter() - t0
 
@@ -144,7 +166,12 @@ class GradientSimilarityScorer(_GradientScorer):
         Q = compressor.compress(
             stack_gradients(
                 gradient_chunks(
-                    model, query_fn, queries, params, seed=seed, stream="query",
+                    model,
+                    query_fn,
+                    queries,
+                    params,
+                    seed=seed,
+                    stream="query",
                     chunk_size=context.chunk_size,
                 )
             )
@@ -154,10 +181,18 @@ class GradientSimilarityScorer(_GradientScorer):
         t0 = time.perf_counter()
         out = torch.empty(task.n_train, Q.shape[0], dtype=Q.dtype, device=Q.device)
         for rows, T in gradient_chunks(
-            model, self.method.train_function, task.train_data(), params, seed=seed,
-            stream="train", chunk_size=context.chunk_size, progress=context.progress,
-            desc="train gradients + scores", cache=cache,
-            transform=compressor.compress, transform_key=compressor.describe(),
+            model,
+            self.method.train_function,
+            task.train_data(),
+            params,
+            seed=seed,
+            stream="train",
+            chunk_size=context.chunk_size,
+            progress=context.progress,
+            desc="train gradients + scores",
+            cache=cache,
+            transform=compressor.compress,
+            transform_key=compressor.describe(),
         ):
             T = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
             out[rows] = T.to(Q.dtype) @ Q.T

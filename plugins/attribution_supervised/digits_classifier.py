@@ -74,12 +74,21 @@ class DigitsClassifierTask(Task):
         tr, te = perm[:n_train], perm[n_train:]
         self._data = self._batch(X[tr], y[tr])
         self._held_out = self._batch(X[te], y[te])
-        self.options = {"classes": self.classes, "n_train": n_train, "hidden": hidden,
-                        "steps": steps, "lr": lr, "batch_size": batch_size, "l2": l2}
+        self.options = {
+            "classes": self.classes,
+            "n_train": n_train,
+            "hidden": hidden,
+            "steps": steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "l2": l2,
+        }
 
     def _batch(self, X: np.ndarray, y: np.ndarray) -> Batch:
-        return {"x": torch.as_tensor(X, dtype=self.dtype, device=self.device),
-                "y": torch.as_tensor(y, dtype=torch.long, device=self.device)}
+        return {
+            "x": torch.as_tensor(X, dtype=self.dtype, device=self.device),
+            "y": torch.as_tensor(y, dtype=torch.long, device=self.device),
+        }
 
     def train_data(self) -> Batch:
         """``{"x": (N, 64) in [0, 1], "y": (N,) int64 class index}``."""

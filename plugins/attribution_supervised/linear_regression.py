@@ -55,8 +55,14 @@ class LinearRegressionTask(Task):
         self.dtype = dtype
         self.device = torch.device(device)
         self.l2 = ridge
-        self.options = {"n_train": n_train, "dim": dim, "noise": noise, "ridge": ridge,
-                        "data_seed": data_seed, "path": path}
+        self.options = {
+            "n_train": n_train,
+            "dim": dim,
+            "noise": noise,
+            "ridge": ridge,
+            "data_seed": data_seed,
+            "path": path,
+        }
         self._query_pool: Batch | None = None
         if path is not None:
             X, y, self._query_pool = self._load(Path(path))
@@ -80,7 +86,9 @@ class LinearRegressionTask(Task):
         with np.load(path) as npz:
             missing = {"X", "y"} - set(npz.files)
             if missing:
-                raise DataError(f"task.path: {str(path)!r} lacks arrays {sorted(missing)}; has {npz.files}")
+                raise DataError(
+                    f"task.path: {str(path)!r} lacks arrays {sorted(missing)}; has {npz.files}"
+                )
             X, y = npz["X"], npz["y"]
             if X.ndim != 2 or y.shape != (X.shape[0],):
                 raise DataError(
@@ -107,7 +115,9 @@ class LinearRegressionTask(Task):
         n = X.shape[0]
         Xt = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
         w = weights.to(X).reshape(-1)
-        A = Xt.T @ (w[:, None] * Xt) / n + self.l2 * torch.eye(Xt.shape[1], dtype=X.dtype, device=X.device)
+        A = Xt.T @ (w[:, None] * Xt) / n + self.l2 * torch.eye(
+            Xt.shape[1], dtype=X.dtype, device=X.device
+        )
         theta = torch.linalg.solve(A, Xt.T @ (w * y) / n)
         with torch.no_grad():
             model.weight.copy_(theta[:-1].reshape(1, -1))
@@ -138,7 +148,9 @@ class LinearRegressionTask(Task):
         return CurvatureProblem(
             model=model,
             loss_function=nn.MSELoss(reduction="sum"),
-            batches=lambda pass_index: [(x[i : i + 256], y[i : i + 256, None]) for i in range(0, n, 256)],
+            batches=lambda pass_index: [
+                (x[i : i + 256], y[i : i + 256, None]) for i in range(0, n, 256)
+            ],
             scale=1.0 / n,
             n_rows=n,
         )

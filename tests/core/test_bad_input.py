@@ -97,9 +97,9 @@ def test_nan_gradient(tmp_path):
 
 
 def test_function_only_measurement_is_not_a_target(tmp_path, registry):
+    from attribution_core.config import load_config
     from attribution_core.errors import ConfigError
     from attribution_core.pipeline import resolve
-    from attribution_core.config import load_config
 
     with pytest.raises(ConfigError, match="unknown measurement 'nope'; valid measurements"):
         resolve(load_config({**BASE, "target": "nope"}), registry)

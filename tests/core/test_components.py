@@ -43,7 +43,9 @@ BASE = {"task": {"name": "linear-regression"}, "methods": ["grad-dot", {"name": 
 
 
 def test_set_overrides_nested_and_list_entries():
-    cfg = load_config(BASE, ["methods.1.damping=1e-3", "task.dim=4", "methods.0.label=gd", "seed=3"])
+    cfg = load_config(
+        BASE, ["methods.1.damping=1e-3", "task.dim=4", "methods.0.label=gd", "seed=3"]
+    )
     assert cfg.methods[1].model_extra["damping"] == 1e-3
     assert cfg.task.model_extra["dim"] == 4
     assert cfg.methods[0].label == "gd" and cfg.seed == 3
@@ -54,5 +56,7 @@ def test_set_rejects_bad_syntax_and_ranges():
         load_config(BASE, ["seed"])
     with pytest.raises(ConfigError, match="index 5 out of range"):
         load_config(BASE, ["methods.5.damping=1"])
-    with pytest.raises(ConfigError, match="evaluation.lds.kept_fraction: Input should be less than 1"):
+    with pytest.raises(
+        ConfigError, match="evaluation.lds.kept_fraction: Input should be less than 1"
+    ):
         load_config(BASE, ["evaluation.lds.kept_fraction=1.5"])

@@ -54,14 +54,16 @@ def test_sherman_morrison_leave_one_out_and_pearson(capsys):
         n_train=N, dim=D, ridge=RIDGE, dtype=torch.float64
     )
     model = task.base_model(0)
-    Xt, y, theta, H, G = closed_form(task, model)
+    Xt, _, theta, H, G = closed_form(task, model)
     params, _ = select_parameters(model)
     loss = task.training_loss()
     curvature = reg.create("hessian", "dense").fit(
         model, task, loss, 0, params=params, train_gradients=lambda: iter(())
     )
     data = task.train_data()
-    G_lib = per_example_gradients(model, loss, data, example_noise(loss, data, 0, "train", 0), params)
+    G_lib = per_example_gradients(
+        model, loss, data, example_noise(loss, data, 0, "train", 0), params
+    )
     assert rel_err(G_lib, G) < 1e-12
     d_if = curvature.solve(G_lib) / N  # (N, p): predicted θ_{−j} − θ
     h = 2.0 / N * torch.einsum("jp,pq,jq->j", Xt, torch.linalg.inv(H), Xt)
@@ -77,7 +79,7 @@ def test_sherman_morrison_leave_one_out_and_pearson(capsys):
     # predicted vs actual leave-one-out change of each query's squared error
     queries = task.make_queries(model, 6, seed=3)
     Xq = torch.cat([queries["x"], torch.ones(6, 1, dtype=torch.float64)], 1)
-    err = lambda th: (queries["y"] - Xq @ th) ** 2  # noqa: E731
+    err = lambda th: (queries["y"] - Xq @ th) ** 2
     actual = torch.stack([err(theta + d) - err(theta) for d in d_loo])  # (N, Q)
     Gq = -2.0 * (queries["y"] - Xq @ theta)[:, None] * Xq
     predicted = d_if @ Gq.T  # (1/N) g_qᵀ H⁻¹ g_j

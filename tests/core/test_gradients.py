@@ -56,7 +56,9 @@ def test_per_example_gradients_match_autograd_loop():
     G = per_example_gradients(model, m, data, noise, params)
     for i in range(11):
         model.zero_grad()
-        m.evaluate(model, {"x": data["x"][i : i + 1]}, {"eps": noise["eps"][i : i + 1]}).sum().backward()
+        m.evaluate(
+            model, {"x": data["x"][i : i + 1]}, {"eps": noise["eps"][i : i + 1]}
+        ).sum().backward()
         ref = torch.cat([p.grad.reshape(-1) for p in params.values()])
         torch.testing.assert_close(G[i], ref, rtol=1e-12, atol=1e-14)  # float64 round-off
 
@@ -77,7 +79,9 @@ def test_cache_reuses_and_separates_transforms(tmp_path):
     params, _ = select_parameters(model)
     m = NoisySquare()
     cache = GradientCache(tmp_path)
-    first = stack_gradients(gradient_chunks(model, m, data, params, seed=1, chunk_size=4, cache=cache))
+    first = stack_gradients(
+        gradient_chunks(model, m, data, params, seed=1, chunk_size=4, cache=cache)
+    )
     files = sorted((tmp_path / "gradients").glob("*.npy"))
     assert len(files) == 1
     calls = []
@@ -86,11 +90,22 @@ def test_cache_reuses_and_separates_transforms(tmp_path):
         calls.append(1)
         return 2 * G
 
-    again = stack_gradients(gradient_chunks(model, m, data, params, seed=1, chunk_size=4, cache=cache))
+    again = stack_gradients(
+        gradient_chunks(model, m, data, params, seed=1, chunk_size=4, cache=cache)
+    )
     assert np.array_equal(first.numpy(), again.numpy())
     doubled = stack_gradients(
-        gradient_chunks(model, m, data, params, seed=1, chunk_size=4, cache=cache,
-                        transform=spy, transform_key="x2")
+        gradient_chunks(
+            model,
+            m,
+            data,
+            params,
+            seed=1,
+            chunk_size=4,
+            cache=cache,
+            transform=spy,
+            transform_key="x2",
+        )
     )
     assert calls and torch.allclose(doubled, 2 * first)
     assert len(sorted((tmp_path / "gradients").glob("*.npy"))) == 2

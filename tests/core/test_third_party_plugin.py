@@ -52,7 +52,10 @@ def installed_plugin(tmp_path_factory):
 
 def test_installed_plugin_listed_and_runs_by_name(installed_plugin, tmp_path):
     listing = subprocess.run(
-        [BIN / "attribution", "list", "--format", "json"], capture_output=True, text=True, check=True
+        [BIN / "attribution", "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rows = json.loads(listing.stdout)
     mine = [r for r in rows if r["plugin"] == "input_similarity"]
@@ -68,7 +71,14 @@ def test_installed_plugin_listed_and_runs_by_name(installed_plugin, tmp_path):
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     run = subprocess.run(
-        [BIN / "attribution", "attribute", tmp_path / "c.yaml", "--out", tmp_path / "out", "--quiet"],
+        [
+            BIN / "attribution",
+            "attribute",
+            tmp_path / "c.yaml",
+            "--out",
+            tmp_path / "out",
+            "--quiet",
+        ],
         capture_output=True,
         text=True,
     )
