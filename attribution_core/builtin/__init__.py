@@ -10,13 +10,19 @@ from attribution_core.builtin.hessians import (
     IdentityHessian,
     IdentityOptions,
 )
+from attribution_core.builtin.measurements import TrainingLoss, TrainingLossOptions
 from attribution_core.builtin.scorers import (
     GradientSimilarityScorer,
     InfluenceOptions,
     InfluenceScorer,
     SimilarityOptions,
 )
-from attribution_core.builtin.measurements import TrainingLoss, TrainingLossOptions
+from attribution_core.evaluation.executors import (
+    RayExecutor as _ray_executor,
+)
+from attribution_core.evaluation.executors import (
+    RayOptions as _RayOptions,
+)
 from attribution_core.hookspecs import hookimpl
 from attribution_core.methods import MethodPreset
 from attribution_core.registry import Component
@@ -26,15 +32,86 @@ from attribution_core.registry import Component
 def attribution_register_components() -> list[Component]:
     """Identity/dense Hessians, none/int8 compressors, influence/similarity scorers, presets."""
     return [
-        Component("hessian", "identity", IdentityHessian, "H = I (gradient dot products).", IdentityOptions),
-        Component("hessian", "dense", DenseHessian, "Exact dense Hessian or GGN of L_D (tiny models, float64 solve).", DenseOptions),
+        Component(
+            "hessian",
+            "identity",
+            IdentityHessian,
+            "H = I (gradient dot products).",
+            IdentityOptions,
+        ),
+        Component(
+            "hessian",
+            "dense",
+            DenseHessian,
+            "Exact dense Hessian or GGN of L_D (tiny models, float64 solve).",
+            DenseOptions,
+        ),
         Component("compressor", "none", NoCompression, "No compression."),
-        Component("compressor", "int8", Int8Compression, "Symmetric absmax int8 per (row, parameter tensor), dequantised."),
-        Component("scorer", "influence", InfluenceScorer, "g_qᵀ (H + λI)⁻¹ g_j, composed with a compressor.", InfluenceOptions),
-        Component("scorer", "gradient-similarity", GradientSimilarityScorer, "Cosine of (compressed) gradients.", SimilarityOptions),
-        Component("measurement", "loss", TrainingLoss, "The task's training loss ℓ(θ, x) (target and default train_function).", TrainingLossOptions),
-        Component("executor", "local", LocalExecutor, "Run jobs sequentially in this process.", LocalOptions),
-        Component("method", "grad-dot", MethodPreset("grad-dot", "influence", "identity", "none", help="Gradient dot product (identity Hessian)."), "Gradient dot product g_qᵀ g_j (identity Hessian)."),
-        Component("method", "grad-cosine", MethodPreset("grad-cosine", "gradient-similarity", None, "none", help="Gradient cosine."), "Cosine similarity of loss gradients."),
-        Component("method", "dense-influence", MethodPreset("dense-influence", "influence", "dense", "none", help="Exact influence."), "Reference: exact dense Hessian/GGN influence (tiny models)."),
+        Component(
+            "compressor",
+            "int8",
+            Int8Compression,
+            "Symmetric absmax int8 per (row, parameter tensor), dequantised.",
+        ),
+        Component(
+            "scorer",
+            "influence",
+            InfluenceScorer,
+            "g_qᵀ (H + λI)⁻¹ g_j, composed with a compressor.",
+            InfluenceOptions,
+        ),
+        Component(
+            "scorer",
+            "gradient-similarity",
+            GradientSimilarityScorer,
+            "Cosine of (compressed) gradients.",
+            SimilarityOptions,
+        ),
+        Component(
+            "measurement",
+            "loss",
+            TrainingLoss,
+            "The task's training loss ℓ(θ, x) (target and default train_function).",
+            TrainingLossOptions,
+        ),
+        Component(
+            "executor",
+            "local",
+            LocalExecutor,
+            "Run jobs sequentially in this process.",
+            LocalOptions,
+        ),
+        Component(
+            "executor",
+            "ray",
+            _ray_executor,
+            "Run jobs as Ray tasks (local instance or cluster address).",
+            _RayOptions,
+        ),
+        Component(
+            "method",
+            "grad-dot",
+            MethodPreset(
+                "grad-dot",
+                "influence",
+                "identity",
+                "none",
+                help="Gradient dot product (identity Hessian).",
+            ),
+            "Gradient dot product g_qᵀ g_j (identity Hessian).",
+        ),
+        Component(
+            "method",
+            "grad-cosine",
+            MethodPreset(
+                "grad-cosine", "gradient-similarity", None, "none", help="Gradient cosine."
+            ),
+            "Cosine similarity of loss gradients.",
+        ),
+        Component(
+            "method",
+            "dense-influence",
+            MethodPreset("dense-influence", "influence", "dense", "none", help="Exact influence."),
+            "Reference: exact dense Hessian/GGN influence (tiny models).",
+        ),
     ]

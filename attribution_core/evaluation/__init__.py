@@ -1,0 +1,1 @@
+"""Evaluation harness: pinned suites, LDS, retraining without top influences, executors."""

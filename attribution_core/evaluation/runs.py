@@ -1,0 +1,240 @@
+"""Retraining jobs shared by ``suite build`` and ``counterfactual``: train, measure, store.
+
+A *run* is one retrained model: per-example ``weights: (N,)`` and a training ``seed``. Runs are
+grouped into jobs of up to ``batch`` models (one ``Task.train_ensemble`` call each, one executor
+job); every finished run is stored as one atomically written file
+``runs/<run-id>.npy: (n_targets, 2, n_query)`` float64 — row 0 the target values, row 1 their
+Monte-Carlo standard errors.  A file exists only once complete (temp file + fsync + rename), so
+a killed build resumes by retraining exactly the runs whose files are missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_core.config import MeasurementConfig, RunConfig
+from attribution_core.gradients import example_noise
+from attribution_core.interfaces import Batch, Measurement, Task, batch_size
+from attribution_core.storage import atomic_save_npy, atomic_write_json
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model to retrain: ``run_id`` names its file; ``removed`` lists dropped examples."""
+
+    run_id: str
+    removed: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """A picklable unit of work for an executor: train ``runs`` at once and measure them.
+
+    Attributes:
+        config: the run config as JSON-able dict (the task and targets are rebuilt from it).
+        targets: target measurement configs (name + options), in storage order.
+        queries_path: folder of the query batch (:func:`save_query_batch`).
+        runs: the models to train in this job.
+        removed_weight: weight of removed examples (0 = removal, 0.5 = down-weighting).
+        noise_seed: seed of the common random numbers of every target.
+        threads: torch intra-op threads inside the job (pinned for repeatability).
+    """
+
+    config: dict[str, Any]
+    targets: tuple[dict[str, Any], ...]
+    queries_path: str
+    runs: tuple[Run, ...]
+    removed_weight: float
+    noise_seed: int
+    threads: int
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def target_id(ref: MeasurementConfig | dict[str, Any] | str) -> str:
+    """File-name id of a target: ``loss``, ``timestep-loss-t500``, ``neg-elbo-n_samples16``."""
+    if isinstance(ref, str):
+        return ref
+    data = ref.model_dump() if isinstance(ref, MeasurementConfig) else dict(ref)
+    name = data.pop("name")
+    parts = [f"{k}{'-'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(data.items())]
+    return "-".join([name, *parts])
+
+
+QUERY_FILES = {"x": "samples", "trajectory": "trajectories"}
+
+
+def save_query_batch(directory: Path, queries: Batch) -> None:
+    """One ``.npy`` per query tensor (``x`` → ``samples.npy``, ``trajectory`` →
+    ``trajectories.npy``, else ``<key>.npy``) and ``keys.json`` mapping keys to files."""
+    directory = Path(directory)
+    files = {}
+    for k, v in queries.items():
+        files[k] = f"{QUERY_FILES.get(k, k)}.npy"
+        atomic_save_npy(directory / files[k], v.detach().cpu().numpy())
+    atomic_write_json(directory / "keys.json", files)
+
+
+def load_query_arrays(directory: Path) -> dict[str, np.ndarray]:
+    """The arrays saved by :func:`save_query_batch`."""
+    directory = Path(directory)
+    files = json.loads((directory / "keys.json").read_text())
+    return {k: np.load(directory / f) for k, f in files.items()}
+
+
+def load_query_batch(directory: str | Path, task: Task) -> Batch:
+    """The query batch saved by :func:`save_query_batch`, on the task's device and dtypes."""
+    train = task.train_data()
+    return {
+        k: torch.as_tensor(v).to(device=task.device, dtype=train[k].dtype if k in train else None)
+        for k, v in load_query_arrays(Path(directory)).items()
+    }
+
+
+def measure(model: torch.nn.Module, target: Measurement, queries: Batch, seed: int) -> np.ndarray:
+    """``(2, Q)`` float64: the target on every query and its Monte-Carlo standard error.
+
+    The noise comes from :func:`example_noise` with ``(seed, "target", query index)``, so every
+    model sees the same draws per query (common random numbers).  The value is
+    ``target.evaluate`` on all draws; the standard error is ``std(per-draw values) / √S``
+    (each draw evaluated alone, slicing the draw axis 1 of every noise tensor; 0 when S = 1).
+    Measurements exposing ``per_draw(forward, batch, noise) -> (B, S)`` (mean over S =
+    ``evaluate``) are evaluated once and both numbers come from those per-draw values.
+    """
+    noise = example_noise(target, queries, seed, "target", 0)
+    with torch.no_grad():
+        per_draw = getattr(target, "per_draw", None)
+        if per_draw is not None and noise:  # (B, S) values in one forward pass
+            per = per_draw(model, queries, noise).double().cpu().numpy()
+            if per.ndim == 2 and per.shape[0] == n_queries(queries):
+                se = per.std(axis=1, ddof=1) / np.sqrt(per.shape[1]) if per.shape[1] > 1 else 0 * per[:, 0]
+                return np.stack([per.mean(axis=1), se])
+        value = target.evaluate(model, queries, noise).double().cpu().numpy()
+        n_draws = next(iter(noise.values())).shape[1] if noise else 1
+        stderr = np.zeros_like(value)
+        if n_draws > 1:
+            per = np.stack(
+                [
+                    target.evaluate(model, queries, {k: v[:, s : s + 1] for k, v in noise.items()})
+                    .double()
+                    .cpu()
+                    .numpy()
+                    for s in range(n_draws)
+                ]
+            )
+            stderr = per.std(axis=0, ddof=1) / np.sqrt(n_draws)
+    return np.stack([value, stderr])
+
+
+def _task(config: dict[str, Any]) -> tuple[Task, Any]:
+    from attribution_core.pipeline import build_task, resolve
+    from attribution_core.registry import get_registry
+
+    key = json.dumps(config, sort_keys=True, default=str)
+    registry = get_registry()
+    if key not in _TASKS:
+        _TASKS.clear()
+        _TASKS[key] = build_task(resolve(RunConfig.model_validate(config), registry))
+    return _TASKS[key], registry
+
+
+def run_job(job: Job) -> dict[str, np.ndarray]:
+    """Train every run of ``job`` with one ``train_ensemble`` call and measure every target.
+
+    Returns:
+        ``run_id -> (n_targets, 2, Q)`` float64 (values and Monte-Carlo standard errors).
+    """
+    from attribution_core.pipeline import build_measurement
+
+    torch.set_num_threads(job.threads)
+    task, registry = _task(job.config)
+    queries = load_query_batch(job.queries_path, task)
+    n = task.n_train
+    weights = torch.ones(len(job.runs), n, dtype=task.dtype)
+    for i, run in enumerate(job.runs):
+        weights[i, list(run.removed)] = job.removed_weight
+    models = task.train_ensemble(weights, [r.seed for r in job.runs])
+    targets = [
+        build_measurement(registry, task, MeasurementConfig.model_validate(t), "target")
+        for t in job.targets
+    ]
+    out = {}
+    for run, model in zip(job.runs, models, strict=True):
+        model.eval()
+        out[run.run_id] = np.stack([measure(model, t, queries, job.noise_seed) for t in targets])
+    return out
+
+
+class RunStore:
+    """``runs/<run-id>.npy`` files: which runs are finished, and atomic saving of new ones."""
+
+    def __init__(self, directory: Path, shape: tuple[int, ...]) -> None:
+        self.directory = Path(directory)
+        self.shape = shape
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(".*.tmp*"):  # left by a killed writer: never finished
+            stale.unlink(missing_ok=True)
+
+    def path(self, run_id: str) -> Path:
+        """File of ``run_id``."""
+        return self.directory / f"{run_id}.npy"
+
+    def load(self, run_id: str) -> np.ndarray | None:
+        """The stored result, or None if absent or unreadable / of the wrong shape."""
+        p = self.path(run_id)
+        if not p.is_file():
+            return None
+        try:
+            arr = np.load(p)
+        except (ValueError, OSError, EOFError):
+            return None
+        return arr if arr.shape == self.shape else None
+
+    def save(self, run_id: str, result: np.ndarray) -> None:
+        """Atomically write a finished run (never overwrites a finished file)."""
+        if self.load(run_id) is None:
+            atomic_save_npy(self.path(run_id), result)
+
+
+def execute(
+    runs: list[Run],
+    store: RunStore,
+    make_job: Any,
+    executor: Any,
+    batch: int,
+    *,
+    desc: str = "retraining",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Train the runs whose files are missing (in fixed groups of ``batch``) and load all.
+
+    Groups are cut from the full, ordered run list, so a resumed build trains the same groups
+    (bitwise-identical results for batched tasks); a group is skipped only when all its runs
+    are stored, and only missing files are written.
+    """
+    groups = [tuple(runs[i : i + batch]) for i in range(0, len(runs), batch)]
+    todo = [g for g in groups if any(store.load(r.run_id) is None for r in g)]
+    jobs = [make_job(g) for g in todo]
+    for _, result in executor.map(run_job, jobs, desc=desc, progress=progress):
+        for run_id, arr in result.items():
+            store.save(run_id, arr)
+    out = {}
+    for r in runs:
+        arr = store.load(r.run_id)
+        if arr is None:  # pragma: no cover - only if the filesystem lost a write
+            raise RuntimeError(f"run {r.run_id} finished but its file is missing")
+        out[r.run_id] = arr
+    return out
+
+
+def n_queries(queries: Batch) -> int:
+    """Number of queries in a batch."""
+    return batch_size(queries)

@@ -1,0 +1,297 @@
+"""Pinned suites: build (resumable) and load the ground truth of LDS.
+
+Layout (``docs/evaluation.md``)::
+
+    suite.json                 config, seeds, versions, command, targets, reliability
+    base/model.safetensors     the model trained on all of D (seed ``model.seed``)
+    queries/samples.npy        (Q, ...) queries; trajectories.npy where kept; keys.json
+    masks.npy                  (M, N) bool, True = kept; exactly ⌊αN⌋ kept per row
+    truth/<tid>.npy            (M, S, Q) target on each retrained model
+    truth/<tid>.stderr.npy     (M, S, Q) its Monte-Carlo standard error
+    oracle/<tid>.npy           (M, Q) one more model per subset, fresh seed (+ .stderr.npy)
+    full/<tid>.npy             (S, Q) models trained on all of D (+ .stderr.npy)
+    runs/<run-id>.npy          one atomically written file per finished retraining
+
+Masks are drawn row by row from one seeded stream and seeds do not depend on the suite's size,
+so ``--set evaluation.lds.subsets=…``/``seeds=…`` on an existing suite *grows* it, reusing every
+finished run (the identity check covers everything else).
+
+Seeds: subset ``m`` seed ``k`` and full-data seed ``k`` use ``TRUTH_SEED + k`` (paired across
+subsets); the oracle of subset ``m`` uses ``ORACLE_SEED + m`` (used nowhere else).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attribution_core.config import LDSConfig, MeasurementConfig, RunConfig, as_measurement, load_config
+from attribution_core.errors import ConfigError, DataError
+from attribution_core.evaluation.executors import make_executor
+from attribution_core.evaluation.lds import reliability
+from attribution_core.evaluation.runs import (
+    Job,
+    Run,
+    RunStore,
+    execute,
+    load_query_arrays,
+    save_query_batch,
+    target_id,
+)
+from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
+
+TRUTH_SEED = 1_000
+ORACLE_SEED = 100_000
+LDS_KEYS = ("subsets", "seeds", "kept_fraction", "removed_weight")
+
+
+@dataclass
+class Suite:
+    """A loaded suite: metadata and arrays (loaded lazily per target)."""
+
+    path: Path
+    meta: dict[str, Any]
+    masks: np.ndarray
+
+    @property
+    def targets(self) -> list[str]:
+        """Target ids the suite holds."""
+        return list(self.meta["targets"])
+
+    def _load(self, folder: str, tid: str, suffix: str = "") -> np.ndarray:
+        if tid not in self.meta["targets"]:
+            raise ConfigError(
+                f"target: {tid!r} is not held by suite {str(self.path)!r}; it holds "
+                f"{', '.join(self.targets)} — set `target` to one of them or rebuild the suite "
+                f"with it in evaluation.targets"
+            )
+        return np.load(self.path / folder / f"{tid}{suffix}.npy")
+
+    def truth(self, tid: str) -> np.ndarray:
+        """``(M, S, Q)`` measured targets."""
+        return self._load("truth", tid)
+
+    def truth_stderr(self, tid: str) -> np.ndarray:
+        """``(M, S, Q)`` Monte-Carlo standard errors."""
+        return self._load("truth", tid, ".stderr")
+
+    def oracle(self, tid: str) -> np.ndarray:
+        """``(M, Q)`` oracle models (fresh seed per subset)."""
+        return self._load("oracle", tid)
+
+    def full(self, tid: str) -> np.ndarray:
+        """``(S, Q)`` full-data models."""
+        return self._load("full", tid)
+
+
+def load_suite(path: str | Path | None, *, key: str = "evaluation.suite") -> Suite:
+    """Load a suite directory, or raise a :class:`DataError` naming what is missing."""
+    if path is None:
+        raise ConfigError(
+            f"{key}: no suite given; set it to a suite directory (e.g. benchmarks/suites/digits2-ddpm) "
+            f"or build one with `attribution suite build CONFIG --out SUITE`"
+        )
+    p = Path(path)
+    meta_path = p / "suite.json"
+    if not meta_path.is_file():
+        raise DataError(
+            f"{key}: {str(p)!r} is not a suite (no suite.json); build it with "
+            f"`attribution suite build CONFIG --out {p}` or fix the path"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("status") != "complete":
+        raise DataError(
+            f"{key}: suite {str(p)!r} is incomplete (build interrupted); re-run its command to "
+            f"resume: {meta.get('command', 'attribution suite build ...')}"
+        )
+    return Suite(p, meta, np.load(p / "masks.npy"))
+
+
+def suite_targets(cfg: RunConfig) -> list[MeasurementConfig]:
+    """The targets a suite built from ``cfg`` measures: ``evaluation.targets`` or ``[target]``."""
+    refs = cfg.evaluation.targets or [cfg.target]
+    return [as_measurement(r) for r in refs]
+
+
+def draw_masks(n_train: int, subsets: int, kept_fraction: float, seed: int) -> np.ndarray:
+    """``(subsets, n_train)`` bool, exactly ``⌊α·N⌋`` True per row, from ``seed``."""
+    n_keep = int(np.floor(kept_fraction * n_train))
+    if not 0 < n_keep < n_train:
+        raise ConfigError(
+            f"evaluation.lds.kept_fraction: {kept_fraction} keeps {n_keep} of {n_train} examples; "
+            f"choose α in (0, 1) with 0 < ⌊αN⌋ < N"
+        )
+    rng = np.random.default_rng([seed, 7])
+    masks = np.zeros((subsets, n_train), dtype=bool)
+    for m in range(subsets):
+        masks[m, rng.permutation(n_train)[:n_keep]] = True
+    return masks
+
+
+def check_lds_block(cfg: RunConfig, suite: Suite) -> None:
+    """An ``evaluation.lds`` block may only restate the suite's own settings."""
+    lds = cfg.evaluation.lds
+    if lds is None:
+        return
+    built = suite.meta["lds"]
+    for k in sorted(lds.model_fields_set & set(LDS_KEYS)):
+        if getattr(lds, k) != built[k]:
+            raise ConfigError(
+                f"evaluation.lds.{k}: {getattr(lds, k)!r} conflicts with suite {str(suite.path)!r} "
+                f"(built with {k}={built[k]!r}); the suite's masks and seeds win — remove the "
+                f"evaluation.lds block or build a new suite with these settings"
+            )
+
+
+def check_masks(suite: Suite, n_train: int) -> None:
+    """The suite's masks must have one column per training example of the task."""
+    if suite.masks.ndim != 2 or suite.masks.shape[1] != n_train:
+        raise DataError(
+            f"evaluation.suite: masks.npy of {str(suite.path)!r} has shape {suite.masks.shape}, "
+            f"but the task has {n_train} training examples; use the task config the suite was "
+            f"built with: {json.dumps(suite.meta['config']['task'])}"
+        )
+
+
+def build_suite(
+    config: str | Path | dict[str, Any] | RunConfig,
+    out: str | Path,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    progress: bool = False,
+    command: str | None = None,
+) -> Suite:
+    """Build (or resume) a suite at ``out``; see the module docstring for the layout.
+
+    Raises:
+        ConfigError: bad targets or LDS settings, or ``out`` holds a suite of another config.
+    """
+    import torch
+
+    from attribution_core.pipeline import (
+        build_task,
+        load_or_train_model,
+        load_queries,
+        resolve,
+        versions,
+    )
+
+    cfg = load_config(config, overrides)
+    resolved = resolve(cfg)
+    lds = cfg.evaluation.lds or LDSConfig()
+    targets = suite_targets(cfg)
+    for i, t in enumerate(targets):
+        comp = resolved.registry.get("measurement", t.name, where=f"evaluation.targets[{i}]")
+        resolved.registry.validate_options("measurement", t.name, t.options, where=f"evaluation.targets[{i}]")
+        if not getattr(comp.factory, "is_target", True):
+            raise ConfigError(f"evaluation.targets[{i}]: {t.name!r} is a function only, not a target")
+    executor = make_executor(cfg, resolved.registry)
+    tids = [target_id(t) for t in targets]
+    out = Path(out)
+    identity = {
+        "task": cfg.task.model_dump(),
+        "targets": tids,
+        "lds": {k: getattr(lds, k) for k in ("kept_fraction", "removed_weight")},
+        "seed": cfg.seed,
+        "model": cfg.model.model_dump(),
+        "queries": cfg.queries.model_dump(),
+        "dtype": cfg.dtype,
+    }
+    meta_path = out / "suite.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if old.get("identity") != json.loads(json.dumps(identity, default=str)):
+            raise ConfigError(
+                f"--out {str(out)!r} holds a suite built from another config; choose a new --out "
+                f"(or delete it) — differing: "
+                + ", ".join(k for k in identity if old.get("identity", {}).get(k) != identity[k])
+            )
+    torch.set_num_threads(cfg.threads)
+    task = build_task(resolved)
+    n = task.n_train
+    masks = draw_masks(n, lds.subsets, lds.kept_fraction, cfg.seed)
+    meta: dict[str, Any] = {
+        "status": "building",
+        "identity": identity,
+        "command": command or " ".join(shlex.quote(a) for a in ["attribution", *sys.argv[1:]]),
+        "config": cfg.model_dump(mode="json"),
+        "task": task.describe(),
+        "n_train": n,
+        "lds": {k: getattr(lds, k) for k in LDS_KEYS},
+        "targets": {tid: t.model_dump() for tid, t in zip(tids, targets, strict=True)},
+        "seeds": {
+            "masks": cfg.seed,
+            "noise": cfg.seed,
+            "base_model": cfg.model.seed,
+            "queries": cfg.queries.seed,
+            "truth": [TRUTH_SEED + k for k in range(lds.seeds)],
+            "full": [TRUTH_SEED + k for k in range(lds.seeds)],
+            "oracle": f"{ORACLE_SEED} + subset index",
+        },
+        "threads": cfg.threads,
+        "versions": versions(),
+    }
+    atomic_write_json(meta_path, meta)
+    atomic_save_npy(out / "masks.npy", masks)
+
+    base = out / "base" / "model.safetensors"
+    qpath = out / "queries"
+    if base.is_file() and (qpath / "keys.json").is_file():
+        pass  # resumed: base model and queries are final
+    else:
+        model = load_or_train_model(task, cfg)
+        queries = load_queries(task, model, cfg)
+        save_query_batch(qpath, queries)
+        save_tensors(base, model.state_dict(), {"seed": str(cfg.model.seed)})
+    n_query = int(next(iter(load_query_arrays(qpath).values())).shape[0])
+
+    removed = [tuple(np.flatnonzero(~m).tolist()) for m in masks]
+    runs = [Run(f"full-seed{k}", (), TRUTH_SEED + k) for k in range(lds.seeds)]
+    for m in range(lds.subsets):  # a subset's models are adjacent: a partial build has whole subsets
+        runs += [Run(f"subset{m:04d}-seed{k}", removed[m], TRUTH_SEED + k) for k in range(lds.seeds)]
+        runs.append(Run(f"subset{m:04d}-oracle", removed[m], ORACLE_SEED + m))
+    store = RunStore(out / "runs", (len(tids), 2, n_query))
+    config_dump = cfg.model_dump(mode="json")
+
+    def make_job(group: tuple[Run, ...]) -> Job:
+        return Job(
+            config_dump,
+            tuple(t.model_dump() for t in targets),
+            str(qpath.resolve()),
+            group,
+            lds.removed_weight,
+            cfg.seed,
+            cfg.threads,
+        )
+
+    results = execute(runs, store, make_job, executor, lds.batch, desc="suite", progress=progress)
+
+    for i, tid in enumerate(tids):
+        truth = np.stack(
+            [np.stack([results[f"subset{m:04d}-seed{k}"][i] for k in range(lds.seeds)], axis=1)
+             for m in range(lds.subsets)]
+        )  # (M, 2, S, Q)
+        atomic_save_npy(out / "truth" / f"{tid}.npy", truth[:, 0])
+        atomic_save_npy(out / "truth" / f"{tid}.stderr.npy", truth[:, 1])
+        oracle = np.stack([results[f"subset{m:04d}-oracle"][i] for m in range(lds.subsets)])
+        atomic_save_npy(out / "oracle" / f"{tid}.npy", oracle[:, 0])
+        atomic_save_npy(out / "oracle" / f"{tid}.stderr.npy", oracle[:, 1])
+        full = np.stack([results[f"full-seed{k}"][i] for k in range(lds.seeds)])
+        atomic_save_npy(out / "full" / f"{tid}.npy", full[:, 0])
+        atomic_save_npy(out / "full" / f"{tid}.stderr.npy", full[:, 1])
+    meta["reliability"] = {
+        tid: reliability(np.load(out / "truth" / f"{tid}.npy")) for tid in tids
+    }
+    meta["mc_stderr_mean"] = {
+        tid: float(np.load(out / "truth" / f"{tid}.stderr.npy").mean()) for tid in tids
+    }
+    meta["n_query"] = n_query
+    meta["status"] = "complete"
+    atomic_write_json(meta_path, meta)
+    return load_suite(out)

@@ -1,0 +1,1 @@
+"""Reports: tables (pandas), figures (matplotlib, Agg), image grids, report.md and report.html."""
