@@ -1,0 +1,53 @@
+"""Test doubles for crashes: a linear-regression task that counts its trainings, an executor that dies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from attribution_supervised.linear_regression import LinearRegressionTask
+
+from attribution_core import Executor
+from attribution_core.builtin.executors import LocalExecutor
+
+
+class CountingLinearRegression(LinearRegressionTask):
+    """The real ``linear-regression`` task; ``train_calls`` counts models trained."""
+
+    train_calls = 0
+
+    def train(self, model, weights, seed):
+        type(self).train_calls += 1
+        return super().train(model, weights, seed)
+
+
+class SimulatedCrashError(RuntimeError):
+    """Raised by :class:`CrashAfter` to simulate a process killed between models."""
+
+
+class CrashAfter(Executor):
+    """The local executor, but the process "dies" when job ``k + 1`` starts (after ``k`` jobs)."""
+
+    name = "crash-after"
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        desc: str = "",
+        progress: bool = False,
+    ) -> Iterator[tuple[int, Any]]:
+        started = 0
+
+        def job(item: Any) -> Any:
+            nonlocal started
+            if started == self.k:
+                raise SimulatedCrashError(f"killed after {self.k} jobs")
+            started += 1
+            return fn(item)
+
+        yield from LocalExecutor().map(job, items)
