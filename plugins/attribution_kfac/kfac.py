@@ -50,12 +50,17 @@ def _mc_seed(seed: int) -> int:
     return (int(seed) * 2_654_435_761 + 97) % (2**31 - 1)
 
 
-def _finite(t: Tensor | None, label: str, what: str) -> None:
-    if t is not None and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+def _check_finite(named: list[tuple[str, str, Tensor | None]]) -> None:
+    """Raise NumericalError listing every ``(layer, factor)`` with NaN/Inf entries."""
+    bad = [
+        f"{label!r} ({what}: {int((~torch.isfinite(t)).sum())} entries)"
+        for label, what, t in named
+        if t is not None and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
         raise NumericalError(
-            f"{what} of layer {label!r} has {bad} non-finite entries (NaN/Inf); check the model "
-            f"weights and training data for NaN/Inf, or lower the learning rate"
+            f"non-finite (NaN/Inf) K-FAC factors in layer {', '.join(bad)}; check the model "
+            f"weights and training data for NaN/Inf (e.g. a diverged training run)"
         )
 
 
@@ -226,11 +231,18 @@ class KFACHessian(HessianApproximation):
         data.pass_index = 0
         op.compute_kronecker_factors()  # once per fresh operator (a second call would add)
         out: dict[str, Tensor] = {}
+        named = []
+        for block in blocks:
+            named.append(
+                (block.label, "input covariance A", op._input_covariances.get(block.layer))
+            )
+            named.append(
+                (block.label, "gradient covariance G", op._gradient_covariances[block.layer])
+            )
+        _check_finite(named)
         for block in blocks:
             A = op._input_covariances.get(block.layer)
-            G = op._gradient_covariances.get(block.layer)
-            _finite(A, block.label, "input covariance (K-FAC factor A)")
-            _finite(G, block.label, "gradient covariance (K-FAC factor G)")
+            G = op._gradient_covariances[block.layer]
             lam_g, QG = _eigh64(G)
             out[f"{block.layer}|QG"], out[f"{block.layer}|lam_g"] = QG, lam_g
             if A is not None:
@@ -241,7 +253,8 @@ class KFACHessian(HessianApproximation):
                 out[f"{block.layer}|E_bias"] = lam_g.clone()
         if self.ekfac:
             self._correct(op, data, blocks, out, plist)
-        return out
+        # contiguous: the same memory layout (hence the same bits downstream) as a cache read
+        return {k: v.contiguous() for k, v in out.items()}
 
     def _correct(
         self,
@@ -268,19 +281,21 @@ class KFACHessian(HessianApproximation):
         data.pass_index = 1
         op.compute_eigenvalue_correction()
         position = {id(p): i for i, p in enumerate(plist)}
+        named = []
         for block in blocks:
             corrected = op._corrected_eigenvalues[block.layer]
             mod = op._model_func.get_submodule(block.layer)
             if isinstance(corrected, Tensor):
-                _finite(corrected, block.label, "EK-FAC corrected eigenvalues")
+                named.append((block.label, "EK-FAC eigenvalues", corrected))
                 out[f"{block.layer}|E"] = corrected.to(torch.float64)
                 continue
             for pname, key in (("weight", "E"), ("bias", "E_bias")):
                 t = getattr(mod, pname, None)
                 if t is not None and id(t) in position and position[id(t)] in corrected:
                     vals = corrected[position[id(t)]]
-                    _finite(vals, block.label, f"EK-FAC corrected eigenvalues ({pname})")
+                    named.append((block.label, f"EK-FAC eigenvalues of {pname}", vals))
                     out[f"{block.layer}|{key}"] = vals.to(torch.float64)
+        _check_finite(named)
 
     @staticmethod
     def _check_shapes(blocks: list[Block], factors: dict[str, Tensor]) -> None:

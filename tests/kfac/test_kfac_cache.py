@@ -1,0 +1,58 @@
+"""Factor caching: reuse on the second run; a corrupted file is detected, warned and recomputed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attribution_kfac.kfac import EKFACHessian, KFACHessian
+from kfac_toys import fit
+
+
+def _files(root):
+    return sorted((root / "kfac").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("cls", [KFACHessian, EKFACHessian])
+def test_second_fit_reuses_factors(tmp_path, conv_task, cls):
+    model, _, first = fit(cls(fisher="mc", mc_samples=2), conv_task, cache_dir=tmp_path)
+    assert not first.describe()["from_cache"]
+    assert len(_files(tmp_path)) == 1
+    _, _, second = fit(
+        cls(fisher="mc", mc_samples=2, damping=0.5), conv_task, model=model, cache_dir=tmp_path
+    )
+    assert second.describe()["from_cache"]  # damping is applied at solve time, not cached
+    assert second.describe()["data_passes"] == 0
+    assert torch.equal(first.dense(), second.dense())
+    # other options or another model → another file
+    fit(cls(fisher="mc", mc_samples=3), conv_task, model=model, cache_dir=tmp_path)
+    assert len(_files(tmp_path)) == 2
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    _, _, third = fit(cls(fisher="mc", mc_samples=2), conv_task, model=model, cache_dir=tmp_path)
+    assert not third.describe()["from_cache"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_corrupted_cache_is_recomputed_with_warning(tmp_path, conv_task, damage):
+    model, _, first = fit(KFACHessian(), conv_task, cache_dir=tmp_path)
+    (path,) = _files(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0xFF  # one byte of tensor data: only the checksum can tell
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(b"not a safetensors file")
+    path.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="corrupted"):
+        _, _, again = fit(KFACHessian(), conv_task, model=model, cache_dir=tmp_path)
+    assert not again.describe()["from_cache"]
+    assert torch.equal(first.dense(), again.dense())
+    # the file was rewritten: the next fit reads it silently
+    _, _, third = fit(KFACHessian(), conv_task, model=model, cache_dir=tmp_path)
+    assert third.describe()["from_cache"]
+
+
+def test_cache_off(tmp_path, conv_task):
+    fit(KFACHessian(cache=False), conv_task, cache_dir=tmp_path)
+    assert _files(tmp_path) == []
