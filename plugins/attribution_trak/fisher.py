@@ -19,6 +19,7 @@ The task's regulariser is not part of ``F`` (TRAK's empirical Fisher has none).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -128,6 +129,7 @@ class ProjectedFisher(HessianApproximation):
         """
         F: Tensor | None = None
         n = 0
+        t0 = time.perf_counter()
         for rows, T in train_gradients():
             T64 = T.double()
             if F is None:
@@ -159,5 +161,9 @@ class ProjectedFisher(HessianApproximation):
             "damping_mode": self.damping_mode,
             "damping_factor": self.damping,
             "mean_eigenvalue": mean_eig,
+            "seconds_gradients_and_fisher": time.perf_counter() - t0,
         }
-        return ProjectedFisherCurvature(F, lam, n, facts)
+        t0 = time.perf_counter()
+        curvature = ProjectedFisherCurvature(F, lam, n, facts)
+        facts["seconds_cholesky"] = time.perf_counter() - t0
+        return curvature

@@ -164,7 +164,7 @@ class ProjectionCompressor(GradientCompressor):
         gen = torch.Generator().manual_seed(_block_seed(self.seed, b))
         k = self.proj_dim
         if self.projection == "gaussian":
-            return torch.randn(rows, k, generator=gen, dtype=dtype) / math.sqrt(k)
+            return torch.empty(rows, k, dtype=dtype).normal_(0.0, 1.0 / math.sqrt(k), generator=gen)
         signs = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8)
         return (signs.to(dtype) * 2 - 1) / math.sqrt(k)
 
