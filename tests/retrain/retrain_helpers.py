@@ -51,3 +51,16 @@ class CrashAfter(Executor):
             return fn(item)
 
         yield from LocalExecutor().map(job, items)
+
+
+def scorer_for(options: dict, seed: int = 0):
+    """An ``exact-retraining`` scorer resolved through the registry with ``options``."""
+    from attribution_retrain.scorer import ExactRetrainingScorer
+
+    from attribution_core import get_registry
+    from attribution_core.config import MethodConfig
+    from attribution_core.methods import resolve_method
+
+    entry = MethodConfig(name="exact-retraining", **options)
+    method = resolve_method(entry, get_registry(), run_seed=seed, where="methods[0]")
+    return ExactRetrainingScorer(method, **method.scorer_options)
