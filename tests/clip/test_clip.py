@@ -149,3 +149,24 @@ def test_vit_b32_default_architecture_from_local_random_weights(tmp_path, no_net
     )
     # float32 ViT-B/32 forward on both paths: 1e-5 absolute on cosines.
     np.testing.assert_allclose(run.scores["clip"], ref, atol=1e-5, rtol=0)
+
+
+def test_clip_on_ddpm_digits_images(tiny_clip, no_network):
+    """The diffusion task's images ([-1, 1] data mapped to [0, 1]) go through the same path."""
+    if "ddpm-digits" not in get_registry().names("task"):
+        pytest.skip("ddpm-digits (plugin attribution_diffusion) is not installed")
+    config, weights = tiny_clip
+    task = {"name": "ddpm-digits", "n_train": 8, "T": 10, "width": 4, "train_steps": 1}
+    run = attribute(
+        {
+            "task": task,
+            "queries": {"source": "train", "count": 3},
+            "methods": [{"name": "clip", "architecture": str(config), "checkpoint": str(weights)}],
+        }
+    )
+    images = run.task.images(run.task.train_data())
+    assert images.min() >= 0 and images.max() <= 1
+    E = reference_embeddings(config, weights, images)
+    # float32 encoder on both paths: 1e-5 absolute; queries are the first 3 training images.
+    np.testing.assert_allclose(run.scores["clip"], E @ E[:3].T, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.diag(run.scores["clip"][:3]), 1.0, atol=1e-5)
