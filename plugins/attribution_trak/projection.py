@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from attribution_core import ConfigError, GradientCompressor
@@ -63,6 +63,18 @@ class ProjectionOptions(BaseModel):
         description="Memory allowed for Φ (cached blocks; the whole matrix for orthogonal) and "
         "for the k×k projected Fisher.",
     )
+
+    @model_validator(mode="after")
+    def _fisher_fits(self) -> ProjectionOptions:
+        """The k×k float64 projected Fisher must fit in ``max_memory_mb`` (checked before work)."""
+        mb = self.proj_dim**2 * 8 / 2**20
+        if mb > self.max_memory_mb:
+            raise ValueError(
+                f"proj_dim={self.proj_dim} needs a {self.proj_dim}×{self.proj_dim} float64 "
+                f"projected Fisher, {mb:.0f} MiB > max_memory_mb={self.max_memory_mb:g}; lower "
+                f"proj_dim or raise max_memory_mb"
+            )
+        return self
 
 
 def _block_seed(seed: int, block: int) -> int:

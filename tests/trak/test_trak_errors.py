@@ -26,9 +26,27 @@ def test_proj_dim_not_positive_direct():
 
 
 def test_proj_dim_too_large_for_memory_fisher():
-    """k = 20000 needs a 3 GiB k×k Fisher > the default max_memory_mb = 2048."""
-    with pytest.raises(ConfigError, match=r"proj_dim: 20000 needs a 20000×20000 float64 Fisher"):
-        attribute(lr_config([{"name": "trak", "proj_dim": 20000}]))
+    """k = 20000 needs a 3 GiB k×k Fisher > the default max_memory_mb = 2048: refused when the
+    config is resolved, before the model is trained."""
+    from attribution_core.config import load_config
+    from attribution_core.pipeline import resolve
+
+    cfg = load_config(lr_config([{"name": "trak", "proj_dim": 20000}]))
+    with pytest.raises(ConfigError, match=r"proj_dim=20000 needs a 20000×20000 float64 projected"):
+        resolve(cfg)
+
+
+def test_fisher_memory_checked_again_at_fit():
+    fisher = ProjectedFisher(max_memory_mb=0.001)
+    with pytest.raises(ConfigError, match=r"proj_dim: 40 needs a 40×40 float64 Fisher"):
+        fisher.fit(
+            None,
+            None,
+            None,
+            0,
+            params={},
+            train_gradients=lambda: iter([(slice(0, 3), torch.randn(3, 40))]),
+        )
 
 
 def test_proj_dim_too_large_for_memory_orthogonal():
