@@ -77,6 +77,12 @@ class ProjectionOptions(BaseModel):
         return self
 
 
+_SHARED_PHI: dict[tuple[Any, ...], list[Tensor]] = {}
+"""The most recently generated Φ, as blocks (at most one entry). Methods with the same
+distribution, seed, p, k, dtype and device — e.g. ``trak`` and ``d-trak`` in one run — reuse it
+instead of each generating and holding its own copy."""
+
+
 def _block_seed(seed: int, block: int) -> int:
     """Seed of parameter-row block ``block`` (a fixed odd-multiplier mix, < 2**63)."""
     return (int(seed) * 1_000_003 + 0x5DEECE66D + int(block) * 2_654_435_761) % (2**63)
@@ -109,7 +115,6 @@ class ProjectionCompressor(GradientCompressor):
         self.seed = 0
         self.resolved_backend: str | None = None
         self.backend_note = ""
-        self._blocks: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         self._traker: Any = None
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -122,7 +127,6 @@ class ProjectionCompressor(GradientCompressor):
         """
         p, k = int(n_params), self.proj_dim
         self.n_params, self.seed = p, int(seed)
-        self._blocks.clear()
         self._traker = None
         if self.projection == "orthogonal":
             if k > p:
@@ -188,26 +192,42 @@ class ProjectionCompressor(GradientCompressor):
         Q = Q * torch.sign(torch.diagonal(R))  # unique (Haar) choice of signs
         return (Q * math.sqrt(p / k)).to(dtype)
 
+    def _phi_key(self, dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+        rows = self._rows_per_block(torch.finfo(dtype).bits // 8)
+        return (
+            self.projection,
+            self.seed,
+            self.n_params,
+            self.proj_dim,
+            rows,
+            str(dtype),
+            str(device),
+        )
+
     def matrix_blocks(self, dtype: torch.dtype, device: torch.device) -> list[tuple[slice, Tensor]]:
-        """``[(rows, Φ[rows])]`` covering all ``p`` rows (cached if they fit in memory)."""
-        assert self.n_params is not None
+        """``[(rows, Φ[rows])]`` covering all ``p`` rows (kept for reuse if Φ fits in memory)."""
+        if self.n_params is None:
+            raise ConfigError("compressor projection: call fit(n_params, seed) before use")
         p = self.n_params
-        if self.projection == "orthogonal":
-            key = (dtype, device)
-            if key not in self._blocks:
-                self._blocks[key] = [self._orthogonal(dtype).to(device)]
-            return [(slice(0, p), self._blocks[key][0])]
-        itemsize = torch.finfo(dtype).bits // 8
-        rows = self._rows_per_block(itemsize)
+        key = self._phi_key(dtype, device)
+        if self.projection == "orthogonal":  # fit() checked that it fits
+            if key not in _SHARED_PHI:
+                _SHARED_PHI.clear()
+                _SHARED_PHI[key] = [self._orthogonal(dtype).to(device)]
+            return [(slice(0, p), _SHARED_PHI[key][0])]
+        rows = key[4]
         bounds = [(b, slice(a, min(a + rows, p))) for b, a in enumerate(range(0, p, rows))]
-        fits = p * self.proj_dim * itemsize / 2**20 <= self.max_memory_mb
-        key = (dtype, device)
-        if fits and key in self._blocks:
-            return list(zip([s for _, s in bounds], self._blocks[key], strict=True))
+        if key in _SHARED_PHI:
+            return list(zip([s for _, s in bounds], _SHARED_PHI[key], strict=True))
         out = [(s, self._gen_block(b, s.stop - s.start, dtype).to(device)) for b, s in bounds]
-        if fits:
-            self._blocks[key] = [m for _, m in out]
+        if self._fits(dtype):
+            _SHARED_PHI.clear()  # hold one Φ at a time
+            _SHARED_PHI[key] = [m for _, m in out]
         return out
+
+    def _fits(self, dtype: torch.dtype) -> bool:
+        itemsize = torch.finfo(dtype).bits // 8
+        return self.n_params * self.proj_dim * itemsize / 2**20 <= self.max_memory_mb
 
     # ---- compress ----------------------------------------------------------------------------
     def compress(self, gradients: Tensor) -> Tensor:
@@ -217,10 +237,7 @@ class ProjectionCompressor(GradientCompressor):
             return self._compress_traker(gradients)
         dtype, device = gradients.dtype, gradients.device
         out = torch.zeros(gradients.shape[0], self.proj_dim, dtype=dtype, device=device)
-        if self.projection != "orthogonal" and (
-            self.n_params * self.proj_dim * (torch.finfo(dtype).bits // 8) / 2**20
-            > self.max_memory_mb
-        ):
+        if self.projection != "orthogonal" and not self._fits(dtype):
             # stream: generate, use and drop one block at a time
             itemsize = torch.finfo(dtype).bits // 8
             rows = self._rows_per_block(itemsize)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from attribution_trak.projection import ProjectionCompressor
+from attribution_trak.projection import _SHARED_PHI, ProjectionCompressor
 
 
 def fitted(p: int, seed: int = 0, **opts) -> ProjectionCompressor:
@@ -93,9 +93,10 @@ def test_blocks_cached_and_streamed_give_the_same_bits():
     streamed = fitted(p, proj_dim=k, block_mb=0.05, max_memory_mb=0.1)  # Φ (0.5 MiB) not kept
     assert len(cached.matrix_blocks(torch.float64, torch.device("cpu"))) == 10
     a = cached.compress(G)
-    assert cached._blocks  # kept for the next call
+    assert cached._phi_key(torch.float64, torch.device("cpu")) in _SHARED_PHI  # kept for reuse
+    _SHARED_PHI.clear()
     b = streamed.compress(G)
-    assert not streamed._blocks
+    assert not _SHARED_PHI  # streamed blocks are dropped after use
     assert torch.equal(a, b)
     assert torch.equal(a, cached.compress(G))
 
@@ -136,3 +137,17 @@ def test_traker_backend_matches_basic_projector_scaled():
     ours = fitted(p, seed=9, proj_dim=k, backend="traker").compress(G)
     ref = BasicProjector(p, k, 9, ProjectionType.normal, "cpu").project(G, model_id=0)
     torch.testing.assert_close(ours, ref / math.sqrt(k), rtol=0, atol=0)
+
+
+def test_phi_is_shared_between_compressors_with_the_same_identity():
+    """trak and d-trak in one run reuse one Φ (one entry held); another seed replaces it."""
+    p = 200
+    G = torch.randn(2, p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a, b = fitted(p, seed=1, proj_dim=32), fitted(p, seed=1, proj_dim=32)
+    ya = a.compress(G)
+    held = _SHARED_PHI[a._phi_key(torch.float64, torch.device("cpu"))]
+    assert torch.equal(b.compress(G), ya)
+    assert _SHARED_PHI[b._phi_key(torch.float64, torch.device("cpu"))] is held
+    fitted(p, seed=2, proj_dim=32).compress(G)
+    assert len(_SHARED_PHI) == 1
+    assert torch.equal(a.compress(G), ya)  # regenerated from its per-block seeds
