@@ -1,0 +1,232 @@
+"""Task ``ddpm-digits``: a small DDPM on 8×8 digits (default), CIFAR-10 or an image folder.
+
+Data: ``{"x": (N, C, H, W)}`` in [-1, 1]. Model: :class:`~attribution_diffusion.unet.UNet`,
+``model(x_t, t)`` with ``t: (B,)`` int64 in 1..T. Queries: ancestral DDPM samples with their
+trajectories, ``{"x": (n, C, H, W), "trajectory": (n, T+1, C, H, W)}`` (x_T..x_0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from attribution_core import ConfigError, CurvatureProblem, Task
+from attribution_core.config import validate_model
+from attribution_core.interfaces import Batch
+from attribution_diffusion import training
+from attribution_diffusion.data import NATIVE_SIZE, load_images
+from attribution_diffusion.measurements import EpsLoss
+from attribution_diffusion.sampling import sample_ddim, sample_ddpm
+from attribution_diffusion.schedule import Schedule
+from attribution_diffusion.unet import UNet, check_image_size
+
+
+class DDPMOptions(BaseModel):
+    """Options of ``ddpm-digits``."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: Literal["digits", "cifar10", "folder"] = Field("digits", description="Image source.")
+    path: str | None = Field(
+        None, description="Local folder for cifar10 / folder (never downloaded)."
+    )
+    classes: list[int] = Field([0, 1], description="Class indices (digits/cifar10: 0–9).")
+    n_train: int | None = Field(
+        None, ge=1, description="First n examples of those classes (None = all)."
+    )
+    image_size: int | None = Field(
+        None, ge=1, description="Side in pixels (None: 8 digits, 32 otherwise)."
+    )
+    grayscale: bool = Field(False, description="folder only: load images as one channel.")
+    T: int = Field(1000, ge=2, description="Diffusion timesteps.")
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="β_1 of the linear schedule.")
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="β_T of the linear schedule.")
+    width: int = Field(16, ge=1, description="U-Net base channels.")
+    channel_mult: list[int] = Field(
+        [1, 2], min_length=1, description="Channels per level (× width)."
+    )
+    num_res_blocks: int = Field(1, ge=1, description="Residual blocks per level.")
+    train_steps: int = Field(1400, ge=1, description="Adam steps on all of D.")
+    batch_size: int = Field(64, ge=1, description="Minibatch size.")
+    lr: float = Field(2e-3, gt=0.0, description="Adam learning rate.")
+    scale_steps: bool = Field(True, description="Steps × kept fraction (half data → half steps).")
+    ema: bool = Field(False, description="Use an EMA of the weights everywhere.")
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step.")
+    n_samples: int = Field(
+        8, ge=1, description="Default (t, ε) draws per example for measurements."
+    )
+    sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="Query sampler.")
+    ddim_steps: int = Field(50, ge=1, description="DDIM steps (sampler: ddim).")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[int]) -> list[int]:
+        bad = [c for c in v if not 0 <= c <= 9]
+        if bad or not v:
+            raise ValueError(f"classes must be distinct class indices in 0–9, got {v}")
+        return sorted(set(v))
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _mult(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v):
+            raise ValueError(f"channel_mult entries must be ≥ 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _schedule(self) -> DDPMOptions:
+        if self.beta_end < self.beta_start:
+            raise ValueError(f"beta_end ({self.beta_end}) must be ≥ beta_start ({self.beta_start})")
+        return self
+
+
+class EpsilonOutput(nn.Module):
+    """``{"x_t": (B, C, H, W), "t": (B,)} -> ε_θ(x_t, t).reshape(B, C·H·W)`` (shares the U-Net)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        out = self.unet(inputs["x_t"], inputs["t"])
+        return out.reshape(out.shape[0], -1)
+
+
+class DDPMDigitsTask(Task):
+    """DDPM with the linear β schedule; see :class:`DDPMOptions` and ``docs/diffusion.md``."""
+
+    name = "ddpm-digits"
+
+    def __init__(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", **options: Any
+    ) -> None:
+        opts: DDPMOptions = validate_model(DDPMOptions, options, where="task")  # type: ignore[assignment]
+        self.opts = opts
+        self.dtype, self.device = dtype, torch.device(device)
+        size = opts.image_size or NATIVE_SIZE.get(opts.data, 32)
+        check_image_size(size, opts.channel_mult)
+        x, labels = load_images(opts.data, opts.path, opts.classes, size, opts.grayscale)
+        if opts.n_train is not None:
+            if opts.n_train > x.shape[0]:
+                raise ConfigError(
+                    f"task.n_train: {opts.n_train} > the {x.shape[0]} examples of classes "
+                    f"{opts.classes}; use at most {x.shape[0]} (or null for all)"
+                )
+            x, labels = x[: opts.n_train], labels[: opts.n_train]
+        self._x = x.to(self.device, self.dtype)
+        self.labels = labels
+        self.image_shape: tuple[int, int, int] = tuple(x.shape[1:])  # type: ignore[assignment]
+        self.n_samples = opts.n_samples
+        self.schedule = Schedule.linear(opts.T, opts.beta_start, opts.beta_end, dtype, self.device)
+        self.train_config = training.TrainConfig(
+            opts.train_steps, opts.batch_size, opts.lr, opts.scale_steps, opts.ema, opts.ema_decay
+        )
+
+    # ---- data and models -------------------------------------------------------------------
+    def train_data(self) -> Batch:
+        """``{"x": (N, C, H, W)}`` in [-1, 1]."""
+        return {"x": self._x}
+
+    def build_model(self, seed: int) -> nn.Module:
+        """A fresh U-Net initialised from ``seed`` (the global RNG state is left untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = UNet(
+                self.image_shape[0],
+                self.opts.width,
+                self.opts.channel_mult,
+                self.opts.num_res_blocks,
+                self.opts.T,
+            )
+        return model.to(self.device, self.dtype).eval()
+
+    def train(self, model: nn.Module, weights: Tensor, seed: int) -> nn.Module:
+        """Adam on the weighted ε-loss (see :mod:`attribution_diffusion.training`)."""
+        return training.train(
+            model, self._x, weights.to(self.dtype), seed, self.schedule, self.train_config
+        )
+
+    def train_ensemble(self, weights: Tensor, seeds: Sequence[int]) -> list[nn.Module]:
+        """``M`` models at once: ``weights: (M, N)``; equals separate :meth:`train` calls."""
+        return training.train_ensemble(
+            self.build_model,
+            self._x,
+            weights.to(self.dtype),
+            seeds,
+            self.schedule,
+            self.train_config,
+        )
+
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(
+        self, model: nn.Module, n: int, seed: int, *, trajectory: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``n`` samples from ``seed`` with the configured sampler: ``(x_0, trajectory or None)``."""
+        model.eval()
+        if self.opts.sampler == "ddim":
+            return sample_ddim(
+                model,
+                self.schedule,
+                n,
+                self.image_shape,
+                seed,
+                steps=self.opts.ddim_steps,
+                trajectory=trajectory,
+            )
+        return sample_ddpm(model, self.schedule, n, self.image_shape, seed, trajectory=trajectory)
+
+    def make_queries(self, model: nn.Module, n: int, seed: int) -> Batch:
+        """Generated samples: ``{"x", "trajectory"}`` (DDPM) or ``{"x"}`` (DDIM)."""
+        x, traj = self.sample(model, n, seed, trajectory=self.opts.sampler == "ddpm")
+        return {"x": x} if traj is None else {"x": x, "trajectory": traj}
+
+    # ---- measurements and curvature ----------------------------------------------------------
+    def training_loss(self, n_samples: int | None = None) -> EpsLoss:
+        """``ℓ(θ, x) = E_{t,ε} ‖ε − ε_θ(x_t, t)‖²`` with ``n_samples`` draws (paper eq. 2)."""
+        return EpsLoss(self.schedule, n_samples or self.n_samples)
+
+    def curvature_problem(self, model: nn.Module, seed: int, n_samples: int) -> CurvatureProblem:
+        """``MSELoss(sum)`` of ``ε_θ(x_t, t)`` against ε over N·S rows, ``scale = 1/(N·S)``.
+
+        ``scale · GGN = (2/(N·S)) Σ JᵀJ`` — the design's ``GGN^model``. Each pass draws fresh
+        (t, ε) from a generator seeded by ``(seed, pass_index)``.
+        """
+        x = self._x
+        n, s = x.shape[0], int(n_samples)
+        chunk = max(1, 512 // s)
+
+        def batches(pass_index: int) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(pass_index))
+            for start in range(0, n, chunk):
+                x0 = x[start : start + chunk].repeat_interleave(s, dim=0)
+                b = x0.shape[0]
+                t = torch.randint(1, self.schedule.T + 1, (b,), generator=gen).to(self.device)
+                eps = torch.randn((b, *x0.shape[1:]), generator=gen, dtype=x.dtype).to(self.device)
+                yield {"x_t": self.schedule.noised(x0, t, eps), "t": t}, eps.reshape(b, -1)
+
+        return CurvatureProblem(
+            model=EpsilonOutput(model),
+            loss_function=nn.MSELoss(reduction="sum"),
+            batches=batches,
+            scale=1.0 / (n * s),
+            batch_size_fn=lambda d: d["x_t"].shape[0],
+            n_rows=n * s,
+        )
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def images(self, batch: Batch) -> Tensor:
+        """``(B, C, H, W)`` in [0, 1]."""
+        return ((batch["x"] + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def describe(self) -> dict[str, Any]:
+        """Name and resolved options (recorded in manifests, checkpoints and cache keys)."""
+        return {"name": self.name, **self.opts.model_dump()}
+
+    @property
+    def pixels(self) -> int:
+        """``D = C·H·W``."""
+        return math.prod(self.image_shape)
