@@ -9,7 +9,6 @@ query with fixed common-random-number draws: ``(n_query,)`` float64, stored as
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -37,12 +36,28 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class JobEnv:
+    """What every job measures with: the task, target, queries and their fixed draws."""
+
+    task: Task
+    target: Measurement
+    queries: Batch
+    noise: Batch
+    chunk_size: int = 64
+
+
+@dataclass(frozen=True)
 class Job:
-    """Models trained together by one ``train_ensemble`` call (one seed, ``M`` weight rows)."""
+    """Models trained together by one ``train_ensemble`` call (one seed, ``M`` weight rows).
+
+    Self-contained and picklable (it carries its :class:`JobEnv`), so executors that leave the
+    process (Ray) can run :func:`run_job` on it.
+    """
 
     seed: int
     names: tuple[str, ...]
     weights: np.ndarray  # (M, N)
+    env: JobEnv
 
 
 def fingerprint(batch: Batch) -> str:
@@ -74,13 +89,14 @@ def measure(
     return torch.cat(out).detach().cpu().double().numpy()
 
 
-def run_job(
-    task: Task, target: Measurement, queries: Batch, noise: Batch, chunk_size: int, job: Job
-) -> np.ndarray:
+def run_job(job: Job) -> np.ndarray:
     """Train ``job``'s models with one ``train_ensemble`` call and measure them: ``(M, Q)``."""
-    weights = torch.as_tensor(job.weights, dtype=task.dtype)
-    models = task.train_ensemble(weights, [job.seed] * len(job.names))
-    return np.stack([measure(m.eval(), target, queries, noise, chunk_size) for m in models])
+    env = job.env
+    weights = torch.as_tensor(job.weights, dtype=env.task.dtype)
+    models = env.task.train_ensemble(weights, [job.seed] * len(job.names))
+    return np.stack(
+        [measure(m.eval(), env.target, env.queries, env.noise, env.chunk_size) for m in models]
+    )
 
 
 class RetrainStore:
@@ -153,17 +169,17 @@ def retrain(
             results[spec.name] = done
         else:
             todo.setdefault(spec.seed, []).append(spec)
+    env = JobEnv(task, target, queries, noise, chunk_size)
     jobs = [
-        Job(seed, tuple(s.name for s in group), np.stack([s.weights for s in group]))
+        Job(seed, tuple(s.name for s in group), np.stack([s.weights for s in group]), env)
         for seed, group_all in todo.items()
         for group in (
             group_all[i : i + models_per_job] for i in range(0, len(group_all), models_per_job)
         )
     ]
-    fn = functools.partial(run_job, task, target, queries, noise, chunk_size)
     t0 = time.perf_counter()
     trained = 0
-    for i, values in executor.map(fn, jobs, desc=desc, progress=progress):
+    for i, values in executor.map(run_job, jobs, desc=desc, progress=progress):
         for name, row in zip(jobs[i].names, np.asarray(values), strict=True):
             store.put(name, row)
             results[name] = row

@@ -194,3 +194,18 @@ def test_subset_oracle_resumes_too(counting_task, tmp_path):
     again = scorer.predict_subsets(masks, scores)
     assert CountingLinearRegression.train_calls == 0
     assert torch.equal(first, again)
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_result():
+    """Jobs are self-contained and picklable: a Ray worker computes the same bits."""
+    task = get_registry().create("task", "linear-regression", n_train=12, dim=3)
+    queries = task.make_queries(None, 3, seed=0)
+    ray = get_registry().create("executor", "ray", num_cpus=1, shutdown=True)
+    on_ray = scorer_for({"models_per_job": 4}).scores(
+        task, None, queries, ScoringContext(seed=0, target=SquaredError(), executor=ray)
+    )
+    local = scorer_for({"models_per_job": 4}).scores(
+        task, None, queries, ScoringContext(seed=0, target=SquaredError())
+    )
+    torch.testing.assert_close(on_ray, local, rtol=0, atol=0)

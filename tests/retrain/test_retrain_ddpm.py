@@ -38,14 +38,15 @@ def test_ddpm_loo_is_paired_and_resumable(ddpm, tmp_path):
     # vmapped ensemble of 3) and measuring it on the same stored draws reproduces the stored
     # value up to float32 reduction order (1e-5 relative); other draws move it far more.
     store = scorer._run.store
-    from attribution_retrain.jobs import Job, run_job
+    from attribution_retrain.jobs import Job, JobEnv, run_job
 
-    again = run_job(task, target, queries, scorer._run.noise, 64, Job(0, ("x",), np.ones((1, 6))))
+    env = JobEnv(task, target, queries, scorer._run.noise)
+    again = run_job(Job(0, ("x",), np.ones((1, 6)), env))
     np.testing.assert_allclose(again[0], store.get("seed0-full", 2), rtol=1e-5, atol=0)
     from attribution_core.gradients import example_noise
 
     other = example_noise(target, queries, 1, "target", 0)
-    moved = run_job(task, target, queries, other, 64, Job(0, ("x",), np.ones((1, 6))))
+    moved = run_job(Job(0, ("x",), np.ones((1, 6)), JobEnv(task, target, queries, other)))
     assert np.abs(moved[0] / again[0] - 1).max() > 1e-3
 
     rerun = scorer_for({"indices": [1, 4], "seeds": 2, "models_per_job": 3})
