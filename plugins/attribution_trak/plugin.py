@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attribution_core import Component, MethodPreset, hookimpl
+from attribution_trak.ensemble import EnsembleInfluenceScorer, EnsembleOptions
 from attribution_trak.fisher import ProjectedFisher, ProjectedFisherOptions
 from attribution_trak.projection import ProjectionCompressor, ProjectionOptions
 
@@ -27,11 +28,21 @@ D_TRAK = MethodPreset(
     query_function="square-norm",
     help="D-TRAK: TRAK with ‖ε_θ‖² as train and query function (l1-norm, l2-norm selectable).",
 )
+TRAK_ENSEMBLE = MethodPreset(
+    "trak-ensemble",
+    scorer="ensemble-influence",
+    hessian="projected-fisher",
+    compressor="projection",
+    train_function="loss",
+    query_function=None,
+    defaults={"models": 3},
+    help="TRAK averaged over `models` independently trained models and projections (trains M−1).",
+)
 
 
 @hookimpl
 def attribution_register_components() -> list[Component]:
-    """Compressor projection, hessian projected-fisher, methods trak and d-trak."""
+    """Compressor projection, hessian projected-fisher, scorer ensemble-influence, methods."""
     return [
         Component(
             "compressor",
@@ -47,6 +58,14 @@ def attribution_register_components() -> list[Component]:
             "TRAK's empirical Fisher (1/N)Σ(Φg)(Φg)ᵀ + λI in the projected space.",
             ProjectedFisherOptions,
         ),
+        Component(
+            "scorer",
+            "ensemble-influence",
+            EnsembleInfluenceScorer,
+            "Mean of influence scores over M independently trained models.",
+            EnsembleOptions,
+        ),
         Component("method", "trak", TRAK, TRAK.help),
+        Component("method", "trak-ensemble", TRAK_ENSEMBLE, TRAK_ENSEMBLE.help),
         Component("method", "d-trak", D_TRAK, D_TRAK.help),
     ]
