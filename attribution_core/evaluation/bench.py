@@ -23,8 +23,16 @@ from attribution_core.evaluation.suite import Suite, check_lds_block, check_mask
 from attribution_core.storage import atomic_save_npy, atomic_write_json
 
 LDS_COLUMNS = [
-    "label", "method", "target", "damping", "lds_mean", "lds_stderr", "lds_ci_low",
-    "lds_ci_high", "n_queries", "seconds",
+    "label",
+    "method",
+    "target",
+    "damping",
+    "lds_mean",
+    "lds_stderr",
+    "lds_ci_low",
+    "lds_ci_high",
+    "n_queries",
+    "seconds",
 ]
 
 
@@ -58,10 +66,15 @@ def prepare(cfg: RunConfig, out: Path) -> tuple[Suite, str, RunConfig]:
     task = build_task(resolved)
     check_masks(suite, task.n_train)
     data = cfg.model_dump(exclude_none=True)
-    data["model"] = {"seed": suite.meta["config"]["model"]["seed"],
-                     "path": str(suite.path / "base" / "model.safetensors")}
-    data["queries"] = {"source": "file", "path": str(out / "suite_queries.npz"),
-                       "count": int(suite.meta["n_query"])}
+    data["model"] = {
+        "seed": suite.meta["config"]["model"]["seed"],
+        "path": str(suite.path / "base" / "model.safetensors"),
+    }
+    data["queries"] = {
+        "source": "file",
+        "path": str(out / "suite_queries.npz"),
+        "count": int(suite.meta["n_query"]),
+    }
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".suite_queries.tmp.npz"
     np.savez(tmp, **load_query_arrays(suite.path / "queries"))
@@ -105,14 +118,16 @@ def bench(
         s = L.summarize(pred, truth, idx)
         boots[method.label] = s.pop("boot")
         per_query[method.label] = s.pop("per_query").tolist()
-        rows.append({
-            "label": method.label,
-            "method": method.name,
-            "target": tid,
-            "damping": damping_of(method),
-            **s,
-            "seconds": float(result.manifests[method.label]["timings"].get("total", math.nan)),
-        })
+        rows.append(
+            {
+                "label": method.label,
+                "method": method.name,
+                "target": tid,
+                "damping": damping_of(method),
+                **s,
+                "seconds": float(result.manifests[method.label]["timings"].get("total", math.nan)),
+            }
+        )
     table = pd.DataFrame(rows, columns=LDS_COLUMNS)
     table.to_csv(out / "lds.csv", index=False)
     pair = pd.DataFrame(L.pairwise(boots, {r["label"]: r["lds_mean"] for r in rows}))

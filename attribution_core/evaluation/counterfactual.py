@@ -21,14 +21,30 @@ import pandas as pd
 
 from attribution_core.config import CounterfactualConfig, RunConfig, as_measurement, load_config
 from attribution_core.evaluation.executors import make_executor
-from attribution_core.evaluation.runs import Job, Run, RunStore, execute, save_query_batch, target_id
+from attribution_core.evaluation.runs import (
+    Job,
+    Run,
+    RunStore,
+    execute,
+    save_query_batch,
+    target_id,
+)
 from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.interfaces import index_batch
 from attribution_core.storage import atomic_write_json
 
 CF_COLUMNS = [
-    "label", "method", "target", "query", "removed", "change_mean", "change_stderr",
-    "random_mean", "random_stderr", "top_minus_random", "n_seeds",
+    "label",
+    "method",
+    "target",
+    "query",
+    "removed",
+    "change_mean",
+    "change_stderr",
+    "random_mean",
+    "random_stderr",
+    "top_minus_random",
+    "n_seeds",
 ]
 
 
@@ -77,24 +93,36 @@ def counterfactual(
     tid = target_id(target)
 
     rng = np.random.default_rng([cfg.seed, 17])
-    random_sets = [tuple(sorted(rng.choice(n, k_remove, replace=False).tolist())) for _ in range(nq)]
+    random_sets = [
+        tuple(sorted(rng.choice(n, k_remove, replace=False).tolist())) for _ in range(nq)
+    ]
     top = {
-        m.label: [tuple(np.argsort(-result.scores[m.label][:, q], kind="stable")[:k_remove].tolist())
-                  for q in range(nq)]
+        m.label: [
+            tuple(np.argsort(-result.scores[m.label][:, q], kind="stable")[:k_remove].tolist())
+            for q in range(nq)
+        ]
         for m in resolved.methods
     }
     seeds = [TRUTH_SEED + k for k in range(cf.seeds)]
     runs = [Run(f"full-seed{k}", (), s) for k, s in enumerate(seeds)]
-    runs += [Run(f"random-q{q}-seed{k}", random_sets[q], s) for q in range(nq) for k, s in enumerate(seeds)]
+    runs += [
+        Run(f"random-q{q}-seed{k}", random_sets[q], s)
+        for q in range(nq)
+        for k, s in enumerate(seeds)
+    ]
     runs += [
         Run(f"{label}-q{q}-seed{k}", sets[q], s)
-        for label, sets in top.items() for q in range(nq) for k, s in enumerate(seeds)
+        for label, sets in top.items()
+        for q in range(nq)
+        for k, s in enumerate(seeds)
     ]
     store = RunStore(out / "counterfactual" / "runs", (1, 2, nq))
     dump = train_cfg.model_dump(mode="json")
 
     def make_job(group: tuple[Run, ...]) -> Job:
-        return Job(dump, (target.model_dump(),), str(qpath.resolve()), group, 0.0, cfg.seed, cfg.threads)
+        return Job(
+            dump, (target.model_dump(),), str(qpath.resolve()), group, 0.0, cfg.seed, cfg.threads
+        )
 
     executor = make_executor(cfg, resolved.registry)
     batch = cfg.evaluation.lds.batch if cfg.evaluation.lds else 8
@@ -110,19 +138,35 @@ def counterfactual(
             d_top = values(f"{m.label}-q{q}", q) - full[:, q]
             d_rand = values(f"random-q{q}", q) - full[:, q]
             (tm, ts), (rm, rs) = _mean_se(d_top), _mean_se(d_rand)
-            rows.append({
-                "label": m.label, "method": m.name, "target": tid, "query": q,
-                "removed": k_remove, "change_mean": tm, "change_stderr": ts, "random_mean": rm,
-                "random_stderr": rs, "top_minus_random": float((d_top - d_rand).mean()),
-                "n_seeds": cf.seeds,
-            })
+            rows.append(
+                {
+                    "label": m.label,
+                    "method": m.name,
+                    "target": tid,
+                    "query": q,
+                    "removed": k_remove,
+                    "change_mean": tm,
+                    "change_stderr": ts,
+                    "random_mean": rm,
+                    "random_stderr": rs,
+                    "top_minus_random": float((d_top - d_rand).mean()),
+                    "n_seeds": cf.seeds,
+                }
+            )
     table = pd.DataFrame(rows, columns=CF_COLUMNS)
     table.to_csv(out / "counterfactual.csv", index=False)
-    atomic_write_json(out / "counterfactual" / "info.json", {
-        "remove_fraction": cf.remove_fraction, "removed": k_remove, "seeds": seeds,
-        "queries": nq, "same_steps_as_full": True, "scale_steps_switched_off": switched,
-        "target": tid,
-    })
+    atomic_write_json(
+        out / "counterfactual" / "info.json",
+        {
+            "remove_fraction": cf.remove_fraction,
+            "removed": k_remove,
+            "seeds": seeds,
+            "queries": nq,
+            "same_steps_as_full": True,
+            "scale_steps_switched_off": switched,
+            "target": tid,
+        },
+    )
     if (out / "bench.json").is_file():
         from attribution_core.report.render import write_report
 

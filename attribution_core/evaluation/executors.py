@@ -26,7 +26,8 @@ class RayOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     address: str | None = Field(
-        None, description="Cluster address ('auto', 'ray://host:10001', 'host:6379'); None = start locally."
+        None,
+        description="Cluster address ('auto', 'ray://host:10001', 'host:6379'); None = start locally.",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started instance.")
     cpus_per_task: float = Field(1.0, gt=0.0, description="CPUs reserved per job.")
@@ -58,19 +59,27 @@ class RayExecutor(Executor):
             else:
                 kwargs["num_cpus"] = self.num_cpus
                 # workers inherit these: one BLAS/OpenMP thread unless the job sets more
-                kwargs["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+                kwargs["runtime_env"] = {
+                    "env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                }
             ray.init(**kwargs)
         return ray
 
     def map(
-        self, fn: Callable[[Any], Any], items: Sequence[Any], *, desc: str = "", progress: bool = False
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        desc: str = "",
+        progress: bool = False,
     ) -> Iterator[tuple[int, Any]]:
         """Submit every item, then yield ``(index, result)`` in completion order."""
         if not items:
             return
         ray = self._init()
-        remote = ray.remote(num_cpus=self.cpus_per_task, max_retries=0)(fn)
-        pending = {remote.remote(item): i for i, item in enumerate(items)}
+        remote = ray.remote(num_cpus=self.cpus_per_task, max_retries=0)(_apply)
+        fn_ref = ray.put(fn)
+        pending = {remote.remote(fn_ref, item): i for i, item in enumerate(items)}
         try:
             with progress_bar(len(items), desc or "jobs", enabled=progress) as bar:
                 while pending:
@@ -85,6 +94,11 @@ class RayExecutor(Executor):
                 ray.cancel(ref, force=True)
             if self.shutdown:
                 ray.shutdown()
+
+
+def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
+    """The Ray task: ``fn(item)`` (``fn`` may be any picklable callable, builtins included)."""
+    return fn(item)
 
 
 def make_executor(config: RunConfig, registry: Registry) -> Executor:

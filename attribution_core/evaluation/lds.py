@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -83,18 +84,22 @@ def pairwise(boots: dict[str, np.ndarray], means: dict[str, float]) -> list[dict
                 continue
             d = boots[a] - boots[b]
             lo, hi = np.percentile(d, [2.5, 97.5])
-            rows.append({
-                "a": a,
-                "b": b,
-                "diff": means[a] - means[b],
-                "ci_low": float(lo),
-                "ci_high": float(hi),
-                "resolved": bool(lo > 0 or hi < 0),
-            })
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "diff": means[a] - means[b],
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                    "resolved": bool(lo > 0 or hi < 0),
+                }
+            )
     return rows
 
 
-def null_lds(truth: np.ndarray, masks: np.ndarray, n_draws: int = 200, seed: int = 0) -> dict[str, float]:
+def null_lds(
+    truth: np.ndarray, masks: np.ndarray, n_draws: int = 200, seed: int = 0
+) -> dict[str, float]:
     """LDS of random ``N(0, 1)`` scores with additive predictions: mean and 95th percentile."""
     rng = np.random.default_rng([seed, 13])
     removed = (~masks).astype(np.float64)
@@ -140,7 +145,8 @@ def reliability(truth: np.ndarray) -> dict[str, float]:
     within = truth.var(axis=1, ddof=1).mean(axis=0) if s > 1 else np.full(q, np.nan)  # (Q,)
     between = truth.mean(axis=1).var(axis=0, ddof=1)  # (Q,)
     comp = np.maximum(between - within / s, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one seed: no within-subset variance
         out["variance_ratio"] = float(np.nanmedian(comp / within))
         out["subset_share"] = float(np.nanmedian(comp / (comp + within)))
     if s < 2:
@@ -153,6 +159,10 @@ def reliability(truth: np.ndarray) -> dict[str, float]:
     r = float(np.mean(rs))
     rho1 = single_seed_reliability(r, s)
     rel = spearman_brown(rho1, s) if rho1 > 0 else 0.0
-    out.update(split_seed_r=r, single_seed_reliability=rho1, reliability=float(rel),
-               ceiling=float(np.sqrt(rel)))
+    out.update(
+        split_seed_r=r,
+        single_seed_reliability=rho1,
+        reliability=float(rel),
+        ceiling=float(np.sqrt(rel)),
+    )
     return out

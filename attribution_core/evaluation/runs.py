@@ -65,7 +65,9 @@ def target_id(ref: MeasurementConfig | dict[str, Any] | str) -> str:
         return ref
     data = ref.model_dump() if isinstance(ref, MeasurementConfig) else dict(ref)
     name = data.pop("name")
-    parts = [f"{k}{'-'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(data.items())]
+    parts = [
+        f"{k}{'-'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(data.items())
+    ]
     return "-".join([name, *parts])
 
 
@@ -115,7 +117,11 @@ def measure(model: torch.nn.Module, target: Measurement, queries: Batch, seed: i
         if per_draw is not None and noise:  # (B, S) values in one forward pass
             per = per_draw(model, queries, noise).double().cpu().numpy()
             if per.ndim == 2 and per.shape[0] == n_queries(queries):
-                se = per.std(axis=1, ddof=1) / np.sqrt(per.shape[1]) if per.shape[1] > 1 else 0 * per[:, 0]
+                se = (
+                    per.std(axis=1, ddof=1) / np.sqrt(per.shape[1])
+                    if per.shape[1] > 1
+                    else 0 * per[:, 0]
+                )
                 return np.stack([per.mean(axis=1), se])
         value = target.evaluate(model, queries, noise).double().cpu().numpy()
         n_draws = next(iter(noise.values())).shape[1] if noise else 1

@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from attribution_core.config import LDSConfig, MeasurementConfig, RunConfig, as_measurement, load_config
+from attribution_core.config import (
+    LDSConfig,
+    MeasurementConfig,
+    RunConfig,
+    as_measurement,
+    load_config,
+)
 from attribution_core.errors import ConfigError, DataError
 from attribution_core.evaluation.executors import make_executor
 from attribution_core.evaluation.lds import reliability
@@ -188,9 +194,13 @@ def build_suite(
     targets = suite_targets(cfg)
     for i, t in enumerate(targets):
         comp = resolved.registry.get("measurement", t.name, where=f"evaluation.targets[{i}]")
-        resolved.registry.validate_options("measurement", t.name, t.options, where=f"evaluation.targets[{i}]")
+        resolved.registry.validate_options(
+            "measurement", t.name, t.options, where=f"evaluation.targets[{i}]"
+        )
         if not getattr(comp.factory, "is_target", True):
-            raise ConfigError(f"evaluation.targets[{i}]: {t.name!r} is a function only, not a target")
+            raise ConfigError(
+                f"evaluation.targets[{i}]: {t.name!r} is a function only, not a target"
+            )
     executor = make_executor(cfg, resolved.registry)
     tids = [target_id(t) for t in targets]
     out = Path(out)
@@ -253,8 +263,12 @@ def build_suite(
 
     removed = [tuple(np.flatnonzero(~m).tolist()) for m in masks]
     runs = [Run(f"full-seed{k}", (), TRUTH_SEED + k) for k in range(lds.seeds)]
-    for m in range(lds.subsets):  # a subset's models are adjacent: a partial build has whole subsets
-        runs += [Run(f"subset{m:04d}-seed{k}", removed[m], TRUTH_SEED + k) for k in range(lds.seeds)]
+    for m in range(
+        lds.subsets
+    ):  # a subset's models are adjacent: a partial build has whole subsets
+        runs += [
+            Run(f"subset{m:04d}-seed{k}", removed[m], TRUTH_SEED + k) for k in range(lds.seeds)
+        ]
         runs.append(Run(f"subset{m:04d}-oracle", removed[m], ORACLE_SEED + m))
     store = RunStore(out / "runs", (len(tids), 2, n_query))
     config_dump = cfg.model_dump(mode="json")
@@ -274,8 +288,10 @@ def build_suite(
 
     for i, tid in enumerate(tids):
         truth = np.stack(
-            [np.stack([results[f"subset{m:04d}-seed{k}"][i] for k in range(lds.seeds)], axis=1)
-             for m in range(lds.subsets)]
+            [
+                np.stack([results[f"subset{m:04d}-seed{k}"][i] for k in range(lds.seeds)], axis=1)
+                for m in range(lds.subsets)
+            ]
         )  # (M, 2, S, Q)
         atomic_save_npy(out / "truth" / f"{tid}.npy", truth[:, 0])
         atomic_save_npy(out / "truth" / f"{tid}.stderr.npy", truth[:, 1])
@@ -285,9 +301,7 @@ def build_suite(
         full = np.stack([results[f"full-seed{k}"][i] for k in range(lds.seeds)])
         atomic_save_npy(out / "full" / f"{tid}.npy", full[:, 0])
         atomic_save_npy(out / "full" / f"{tid}.stderr.npy", full[:, 1])
-    meta["reliability"] = {
-        tid: reliability(np.load(out / "truth" / f"{tid}.npy")) for tid in tids
-    }
+    meta["reliability"] = {tid: reliability(np.load(out / "truth" / f"{tid}.npy")) for tid in tids}
     meta["mc_stderr_mean"] = {
         tid: float(np.load(out / "truth" / f"{tid}.stderr.npy").mean()) for tid in tids
     }

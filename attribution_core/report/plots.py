@@ -8,19 +8,25 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 
-def lds_bars(table: pd.DataFrame, null: dict[str, float], ceiling: float | None, path: Path) -> Path:
+def lds_bars(
+    table: pd.DataFrame, null: dict[str, float], ceiling: float | None, path: Path
+) -> Path:
     """Bar per label: LDS mean with ± stderr error bars; null p95 and reliability ceiling lines."""
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(table) + 2), 3.6))
     x = np.arange(len(table))
     ax.bar(x, table["lds_mean"], yerr=table["lds_stderr"], capsize=4, color="#4c72b0")
-    ax.axhline(null["p95"], color="grey", ls="--", lw=1, label=f"random scores p95 ({null['p95']:.3f})")
+    ax.axhline(
+        null["p95"], color="grey", ls="--", lw=1, label=f"random scores p95 ({null['p95']:.3f})"
+    )
     if ceiling is not None and np.isfinite(ceiling):
-        ax.axhline(ceiling, color="#c44e52", ls=":", lw=1.5, label=f"reliability ceiling ({ceiling:.3f})")
+        ax.axhline(
+            ceiling, color="#c44e52", ls=":", lw=1.5, label=f"reliability ceiling ({ceiling:.3f})"
+        )
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xticks(x, table["label"], rotation=30, ha="right")
     ax.set_ylabel("LDS (Spearman), mean ± s.e. over queries")
@@ -41,7 +47,9 @@ def damping_sweep(table: pd.DataFrame, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for method, g in sweep.groupby("method"):
         g = g.sort_values("damping")
-        ax.errorbar(g["damping"], g["lds_mean"], yerr=g["lds_stderr"], marker="o", capsize=3, label=method)
+        ax.errorbar(
+            g["damping"], g["lds_mean"], yerr=g["lds_stderr"], marker="o", capsize=3, label=method
+        )
     ax.set_xscale("log")
     ax.set_xlabel("damping λ (absolute)")
     ax.set_ylabel("LDS")
@@ -54,7 +62,10 @@ def damping_sweep(table: pd.DataFrame, path: Path) -> Path | None:
 
 
 def scatter(
-    predictions: dict[str, np.ndarray], truth: np.ndarray, per_query: dict[str, Any], path: Path,
+    predictions: dict[str, np.ndarray],
+    truth: np.ndarray,
+    per_query: dict[str, Any],
+    path: Path,
     n_queries: int = 3,
 ) -> Path:
     """Grid (methods × first queries): predicted change vs actual (seed-mean) target."""
@@ -79,8 +90,13 @@ def scatter(
 
 
 def image_grid(
-    query_images: np.ndarray, train_images: np.ndarray, scores: np.ndarray, title: str, path: Path,
-    n_queries: int = 4, k: int = 8,
+    query_images: np.ndarray,
+    train_images: np.ndarray,
+    scores: np.ndarray,
+    title: str,
+    path: Path,
+    n_queries: int = 4,
+    k: int = 8,
 ) -> Path:
     """Rows: a query, its top-``k`` positive and top-``k`` negative training images.
 
@@ -94,7 +110,9 @@ def image_grid(
 
     def show(ax: Any, img: np.ndarray, label: str, color: str = "black") -> None:
         img = np.clip(img, 0, 1)
-        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(
+            img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(label, fontsize=5, color=color)

@@ -25,7 +25,12 @@ def _figures(out: Path, meta: dict[str, Any], table: pd.DataFrame) -> list[tuple
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     rel = meta["reliability"].get(meta["target"], {})
-    figs = [("LDS per method", plots.lds_bars(table, meta["null"], rel.get("ceiling"), fig_dir / "lds.png"))]
+    figs = [
+        (
+            "LDS per method",
+            plots.lds_bars(table, meta["null"], rel.get("ceiling"), fig_dir / "lds.png"),
+        )
+    ]
     sweep = plots.damping_sweep(table, fig_dir / "damping_sweep.png")
     if sweep is not None:
         figs.append(("Damping sweep", sweep))
@@ -36,14 +41,27 @@ def _figures(out: Path, meta: dict[str, Any], table: pd.DataFrame) -> list[tuple
         if (out / label / "predictions.npy").is_file()
     }
     if truth_path.is_file() and preds:
-        figs.append(("Predicted vs actual (first queries)",
-                     plots.scatter(preds, np.load(truth_path), meta["per_query"], fig_dir / "scatter.png")))
+        figs.append(
+            (
+                "Predicted vs actual (first queries)",
+                plots.scatter(
+                    preds, np.load(truth_path), meta["per_query"], fig_dir / "scatter.png"
+                ),
+            )
+        )
     if (out / "images" / "train.npy").is_file():
-        train, queries = np.load(out / "images" / "train.npy"), np.load(out / "images" / "queries.npy")
+        train, queries = (
+            np.load(out / "images" / "train.npy"),
+            np.load(out / "images" / "queries.npy"),
+        )
         for label in table["label"]:
             s = np.load(out / label / "scores.npy")
-            figs.append((f"Top influences: {label}",
-                         plots.image_grid(queries, train, s, label, fig_dir / f"grid_{label}.png")))
+            figs.append(
+                (
+                    f"Top influences: {label}",
+                    plots.image_grid(queries, train, s, label, fig_dir / f"grid_{label}.png"),
+                )
+            )
     return figs
 
 
@@ -52,7 +70,11 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     meta = json.loads((out / "bench.json").read_text())
     table = pd.read_csv(out / "lds.csv")
-    pairs = pd.read_csv(out / "pairwise.csv") if (out / "pairwise.csv").stat().st_size > 1 else pd.DataFrame()
+    pairs = (
+        pd.read_csv(out / "pairwise.csv")
+        if (out / "pairwise.csv").stat().st_size > 1
+        else pd.DataFrame()
+    )
     figs = _figures(out, meta, table)
     rel = meta["reliability"]
     rel_df = tables.reliability_table(rel)
@@ -69,27 +91,50 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
         f"{int(table['n_queries'].iloc[0])} queries. LDS = Spearman over subsets per query, "
         f"mean ± s.e. over queries; CI = 95 % bootstrap over subsets ({meta['n_boot']} resamples)."
     )
-    noisy = [t for t, r in rel.items() if r.get("reliability") is not None
-             and not math.isnan(r["reliability"]) and r["reliability"] < tables.RELIABILITY_FLAG]
+    noisy = [
+        t
+        for t, r in rel.items()
+        if r.get("reliability") is not None
+        and not math.isnan(r["reliability"])
+        and r["reliability"] < tables.RELIABILITY_FLAG
+    ]
     warn = (
-        f"Targets too noisy to rank methods (split-seed reliability < {tables.RELIABILITY_FLAG}): "
-        + ", ".join(f"`{t}`" for t in noisy)
-    ) if noisy else ""
+        (
+            f"Targets too noisy to rank methods (split-seed reliability < {tables.RELIABILITY_FLAG}): "
+            + ", ".join(f"`{t}`" for t in noisy)
+        )
+        if noisy
+        else ""
+    )
     notes = []
     if "pixel-similarity" not in set(table["method"]) and "clip" not in set(table["method"]):
-        notes.append("No `pixel-similarity`/`clip` baseline in this run (not configured or not registered).")
+        notes.append(
+            "No `pixel-similarity`/`clip` baseline in this run (not configured or not registered)."
+        )
     if "clip" not in set(table["method"]) and "pixel-similarity" in set(table["method"]):
-        notes.append("CLIP not run (no weights given): `pixel-similarity` is the no-model baseline.")
+        notes.append(
+            "CLIP not run (no weights given): `pixel-similarity` is the no-model baseline."
+        )
     sections: list[tuple[str, str, str]] = [
         ("Suite reliability (the ceiling)", tables.to_markdown(rel_df), tables.to_html(rel_df)),
         ("LDS", tables.to_markdown(lds_df), tables.to_html(lds_df)),
     ]
     if not pair_df.empty:
-        sections.append(("Pairwise differences (paired bootstrap over subsets)",
-                         tables.to_markdown(pair_df), tables.to_html(pair_df)))
+        sections.append(
+            (
+                "Pairwise differences (paired bootstrap over subsets)",
+                tables.to_markdown(pair_df),
+                tables.to_html(pair_df),
+            )
+        )
     if cf_df is not None:
-        sections.append(("Retraining without top influences (change of the target; larger = better)",
-                         tables.to_markdown(cf_df), tables.to_html(cf_df)))
+        sections.append(
+            (
+                "Retraining without top influences (change of the target; larger = better)",
+                tables.to_markdown(cf_df),
+                tables.to_html(cf_df),
+            )
+        )
 
     md = [f"# Attribution benchmark: {meta['target']}", "", header, ""]
     md += [f"**{warn}**", ""] if warn else []
@@ -102,9 +147,11 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_text(md_path, "\n".join(md))
 
-    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Attribution benchmark</title>"
-         f"<style>{CSS}</style></head><body><h1>Attribution benchmark: {html.escape(meta['target'])}</h1>",
-         f"<p class='note'>{html.escape(header)}</p>"]
+    h = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Attribution benchmark</title>"
+        f"<style>{CSS}</style></head><body><h1>Attribution benchmark: {html.escape(meta['target'])}</h1>",
+        f"<p class='note'>{html.escape(header)}</p>",
+    ]
     if warn:
         h.append(f"<p class='warn'><b>{html.escape(warn)}</b></p>")
     h += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
@@ -113,8 +160,12 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     h.append("<h2>Figures</h2>")
     for title, path in figs:
         data = base64.b64encode(path.read_bytes()).decode()
-        h.append(f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
-    h.append(f"<p class='note'>Suite built with: <code>{html.escape(str(meta.get('suite_command')))}</code></p>")
+        h.append(
+            f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+        )
+    h.append(
+        f"<p class='note'>Suite built with: <code>{html.escape(str(meta.get('suite_command')))}</code></p>"
+    )
     h.append("</body></html>")
     atomic_write_text(html_path, "\n".join(h))
     return md_path, html_path

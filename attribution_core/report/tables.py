@@ -20,7 +20,9 @@ def fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
         if math.isinf(v):
             return "∞"
-        return f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
+        return (
+            f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
+        )
     return str(v)
 
 
@@ -48,32 +50,56 @@ def reliability_table(reliability: dict[str, dict[str, float]]) -> pd.DataFrame:
     rows = []
     for tid, r in reliability.items():
         rel = r.get("reliability")
-        rows.append({
-            "target": tid,
-            "split_seed_r": r.get("split_seed_r"),
-            "reliability (S-seed mean)": rel,
-            "ceiling √rel": r.get("ceiling"),
-            "between/within variance": r.get("variance_ratio"),
-            "subset share": r.get("subset_share"),
-            "too noisy (< 0.3)": bool(rel is not None and not math.isnan(rel) and rel < RELIABILITY_FLAG),
-        })
+        rows.append(
+            {
+                "target": tid,
+                "split_seed_r": r.get("split_seed_r"),
+                "reliability (S-seed mean)": rel,
+                "ceiling √rel": r.get("ceiling"),
+                "between/within variance": r.get("variance_ratio"),
+                "subset share": r.get("subset_share"),
+                "too noisy (< 0.3)": bool(
+                    rel is not None and not math.isnan(rel) and rel < RELIABILITY_FLAG
+                ),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def lds_table(table: pd.DataFrame, null: dict[str, float], rel: dict[str, float] | None) -> pd.DataFrame:
+def lds_table(
+    table: pd.DataFrame, null: dict[str, float], rel: dict[str, float] | None
+) -> pd.DataFrame:
     """The LDS table plus reference rows: random-score null (mean; p95) and the ceiling."""
-    cols = ["label", "method", "damping", "lds_mean", "lds_stderr", "lds_ci_low", "lds_ci_high",
-            "n_queries", "seconds"]
+    cols = [
+        "label",
+        "method",
+        "damping",
+        "lds_mean",
+        "lds_stderr",
+        "lds_ci_low",
+        "lds_ci_high",
+        "n_queries",
+        "seconds",
+    ]
     out = table[cols].copy()
-    extra = [{
-        "label": "(null: random scores)", "method": "reference", "lds_mean": null["mean"],
-        "lds_ci_high": null["p95"], "n_queries": table["n_queries"].iloc[0],
-    }]
+    extra = [
+        {
+            "label": "(null: random scores)",
+            "method": "reference",
+            "lds_mean": null["mean"],
+            "lds_ci_high": null["p95"],
+            "n_queries": table["n_queries"].iloc[0],
+        }
+    ]
     if rel:
-        extra.append({
-            "label": "(ceiling: split-seed reliability)", "method": "reference",
-            "lds_mean": rel.get("ceiling"), "n_queries": table["n_queries"].iloc[0],
-        })
+        extra.append(
+            {
+                "label": "(ceiling: split-seed reliability)",
+                "method": "reference",
+                "lds_mean": rel.get("ceiling"),
+                "n_queries": table["n_queries"].iloc[0],
+            }
+        )
     return pd.concat([out, pd.DataFrame(extra)], ignore_index=True)
 
 

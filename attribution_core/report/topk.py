@@ -18,7 +18,9 @@ def method_dirs(out: str | Path) -> list[Path]:
         raise DataError(f"{str(root)!r} is not a directory; give a bench/attribute --out directory")
     dirs = sorted(p for p in root.iterdir() if (p / "scores.npy").is_file())
     if not dirs:
-        raise DataError(f"{str(root)!r} holds no <label>/scores.npy; run `attribution bench` or `attribute` first")
+        raise DataError(
+            f"{str(root)!r} holds no <label>/scores.npy; run `attribution bench` or `attribute` first"
+        )
     return dirs
 
 
@@ -33,7 +35,9 @@ def topk(out: str | Path, query: int, k: int = 8) -> dict[str, Any]:
     for d in method_dirs(out):
         scores = np.load(d / "scores.npy")
         if not 0 <= query < scores.shape[1]:
-            raise DataError(f"--query {query}: out of range; {d.name} has {scores.shape[1]} queries (0..{scores.shape[1] - 1})")
+            raise DataError(
+                f"--query {query}: out of range; {d.name} has {scores.shape[1]} queries (0..{scores.shape[1] - 1})"
+            )
         col = scores[:, query].astype(np.float64)
         order = np.argsort(-col, kind="stable")
         result[d.name] = {
