@@ -145,7 +145,8 @@ class ExactRetrainingScorer(Scorer):
         seeds = [self.method.seed + k for k in range(self.options.seeds)]
         specs = []
         for s in seeds:
-            specs.append(ModelSpec(f"seed{s}-full", s, np.ones(n)))
+            if rows:  # indices: [] trains nothing (e.g. bench, where only the oracle is read)
+                specs.append(ModelSpec(f"seed{s}-full", s, np.ones(n)))
             for j in rows:
                 w = np.ones(n)
                 w[j] = 0.0

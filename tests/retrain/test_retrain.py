@@ -209,3 +209,16 @@ def test_ray_executor_gives_the_local_result():
         task, None, queries, ScoringContext(seed=0, target=SquaredError())
     )
     torch.testing.assert_close(on_ray, local, rtol=0, atol=0)
+
+
+def test_empty_indices_train_nothing(counting_task):
+    """``indices: []`` (bench reads the suite's oracle): all rows NaN, no model trained."""
+    task = counting_task
+    scorer = scorer_for({"indices": []})
+    queries = task.make_queries(None, 2, seed=0)
+    scores = scorer.scores(task, None, queries, ScoringContext(seed=0, target=SquaredError()))
+    assert CountingLinearRegression.train_calls == 0 and torch.isnan(scores).all()
+    oracle = torch.ones(3, 2, dtype=torch.float64)
+    assert torch.equal(
+        scorer.predict_subsets(torch.ones(3, 12, dtype=torch.bool), scores, oracle=oracle), oracle
+    )
