@@ -161,7 +161,10 @@ class ProjectionCompressor(GradientCompressor):
                 self.backend_note = "trak.projectors.BasicProjector"
         else:
             self.resolved_backend = "torch"
-            self.backend_note = "blocked torch generator (auto default: Φ generated once, cached)"
+            self.backend_note = (
+                "torch: Φ in row blocks with per-block seeds, kept if it fits max_memory_mb, "
+                "else regenerated per call"
+            )
 
     def _rows_per_block(self, itemsize: int) -> int:
         return max(1, int(self.block_mb * 2**20 // (self.proj_dim * itemsize)))
