@@ -50,7 +50,7 @@ class DDPMOptions(BaseModel):
         [1, 2], min_length=1, description="Channels per level (× width)."
     )
     num_res_blocks: int = Field(1, ge=1, description="Residual blocks per level.")
-    train_steps: int = Field(1400, ge=1, description="Adam steps on all of D.")
+    train_steps: int = Field(1000, ge=1, description="Adam steps on all of D.")
     batch_size: int = Field(64, ge=1, description="Minibatch size.")
     lr: float = Field(2e-3, gt=0.0, description="Adam learning rate.")
     scale_steps: bool = Field(True, description="Steps × kept fraction (half data → half steps).")
