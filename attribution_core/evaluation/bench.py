@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attribution_core.config import RunConfig, as_measurement, load_config
+from attribution_core.config import RunConfig, as_measurement, label_of, load_config
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation import lds as L
 from attribution_core.evaluation.runs import load_query_arrays, target_id
@@ -95,24 +95,66 @@ def bench(
     Returns:
         The ``lds.csv`` table (one row per method).
     """
-    from attribution_core.pipeline import attribute, build_method, resolve
+    from attribution_core.pipeline import attribute, build_method, build_task, load_queries, resolve
     from attribution_core.report.render import write_report
 
     cfg = load_config(config, overrides)
     out = Path(out)
     suite, tid, bound = prepare(cfg, out)
     t0 = time.perf_counter()
-    result = attribute(bound, out=out, progress=progress)
     resolved = resolve(bound)
+    # oracle scorers (exact retraining) are evaluated from the suite's oracle models: no training
+    oracle_labels = {
+        m.label
+        for m in resolved.methods
+        if getattr(resolved.registry.get("scorer", m.scorer_name).factory, "uses_oracle", False)
+    }
+    entries = [e for e in bound.methods if label_of(e) not in oracle_labels]
+    if entries:
+        result = attribute(
+            bound.model_copy(update={"methods": entries}), out=out, progress=progress
+        )
+        task, queries, scores_by, manifests = (
+            result.task,
+            result.queries,
+            result.scores,
+            result.manifests,
+        )
+    else:
+        task = build_task(resolved)
+        queries = load_queries(task, task.build_model(0), bound)
+        scores_by, manifests = {}, {}
     truth = suite.truth(tid)
     masks = torch.as_tensor(suite.masks)
     idx = L.bootstrap_indices(truth.shape[0], n_boot, seed=cfg.seed)
     rows, boots, per_query = [], {}, {}
     for i, method in enumerate(resolved.methods):
-        scorer = build_method(resolved, method, result.task, i)
-        scores = torch.as_tensor(result.scores[method.label], dtype=torch.float64)
-        oracle = torch.as_tensor(suite.oracle(tid)) if scorer.uses_oracle else None
-        pred = scorer.predict_subsets(masks, scores, oracle=oracle)
+        scorer = build_method(resolved, method, task, i)
+        t1 = time.perf_counter()
+        if method.label in oracle_labels:
+            scores = torch.zeros(suite.masks.shape[1], truth.shape[2], dtype=torch.float64)
+            oracle = torch.as_tensor(suite.oracle(tid), dtype=torch.float64)
+            full = torch.as_tensor(suite.full(tid), dtype=torch.float64).mean(dim=0)
+            pred = scorer.predict_subsets(masks, scores, oracle=oracle - full)
+            seconds = time.perf_counter() - t1
+            atomic_write_json(
+                out / method.label / "manifest.json",
+                {
+                    "label": method.label,
+                    "identity": {
+                        "method": method.describe(),
+                        "suite": str(suite.path),
+                        "target": tid,
+                    },
+                    "note": "predictions = the suite's oracle models (fresh seed per subset) minus the "
+                    "mean of its full-data models; no scores.npy (leave-one-out retraining not run)",
+                    "timings": {"total": seconds},
+                },
+            )
+        else:
+            scores = torch.as_tensor(scores_by[method.label], dtype=torch.float64)
+            pred = scorer.predict_subsets(masks, scores)
+            seconds = float(manifests[method.label]["timings"].get("total", math.nan))
         pred = pred.detach().cpu().numpy().astype(np.float64)
         atomic_save_npy(out / method.label / "predictions.npy", pred)
         s = L.summarize(pred, truth, idx)
@@ -125,16 +167,15 @@ def bench(
                 "target": tid,
                 "damping": damping_of(method),
                 **s,
-                "seconds": float(result.manifests[method.label]["timings"].get("total", math.nan)),
+                "seconds": seconds,
             }
         )
     table = pd.DataFrame(rows, columns=LDS_COLUMNS)
     table.to_csv(out / "lds.csv", index=False)
     pair = pd.DataFrame(L.pairwise(boots, {r["label"]: r["lds_mean"] for r in rows}))
     pair.to_csv(out / "pairwise.csv", index=False)
-    task = result.task
     train_img = task.images(task.train_data())
-    query_img = task.images(result.queries)
+    query_img = task.images(queries)
     if train_img is not None and query_img is not None:
         atomic_save_npy(out / "images" / "train.npy", train_img.detach().cpu().float().numpy())
         atomic_save_npy(out / "images" / "queries.npy", query_img.detach().cpu().float().numpy())

@@ -55,6 +55,8 @@ def _figures(out: Path, meta: dict[str, Any], table: pd.DataFrame) -> list[tuple
             np.load(out / "images" / "queries.npy"),
         )
         for label in table["label"]:
+            if not (out / label / "scores.npy").is_file():  # oracle rows have predictions only
+                continue
             s = np.load(out / label / "scores.npy")
             figs.append(
                 (
