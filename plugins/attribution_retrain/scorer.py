@@ -18,6 +18,7 @@ the same seed.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from attribution_core import (
     ConfigError,
     DataError,
     Executor,
+    Measurement,
     ResolvedMethod,
     Scorer,
     ScoringContext,
@@ -66,23 +68,18 @@ class RetrainOptions(BaseModel):
     )
 
 
+@dataclass
 class _Run:
     """What ``predict_subsets`` needs from the last ``scores`` call to retrain on masks."""
 
-    def __init__(
-        self,
-        task: Task,
-        target: Any,
-        queries: Batch,
-        noise: Batch,
-        store: RetrainStore,
-        executor: Executor,
-        chunk_size: int,
-        progress: bool,
-    ) -> None:
-        self.task, self.target, self.queries, self.noise = task, target, queries, noise
-        self.store, self.executor = store, executor
-        self.chunk_size, self.progress = chunk_size, progress
+    task: Task
+    target: Measurement
+    queries: Batch
+    noise: Batch
+    store: RetrainStore
+    executor: Executor
+    chunk_size: int
+    progress: bool
 
 
 class ExactRetrainingScorer(Scorer):
