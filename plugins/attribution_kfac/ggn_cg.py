@@ -146,7 +146,7 @@ class GGNCGHessian(HessianApproximation):
         self,
         damping: float = 1e-4,
         damping_mode: str = "absolute",
-        n_samples: int = 1,
+        n_samples: int | None = None,
         rtol: float = 1e-6,
         maxiter: int = 500,
         max_columns: int = 32,
@@ -171,7 +171,8 @@ class GGNCGHessian(HessianApproximation):
         """Build the GGN operator (no data pass yet) and the CG solver."""
         check_params(params, self.name)
         t0 = time.perf_counter()
-        problem = get_problem(model, task, seed, self.n_samples, self.name)
+        n_samples = self.n_samples or max(1, int(getattr(train_measurement, "n_samples", 1)))
+        problem = get_problem(model, task, seed, n_samples, self.name)
         plist, excluded = problem_parameters(problem, params, self.name)
         op = curvlinops().GGNLinearOperator(
             problem.model,
@@ -184,7 +185,7 @@ class GGNCGHessian(HessianApproximation):
             batch_size_fn=problem.batch_size_fn,
         )
         p = sum(t.numel() for t in params.values())
-        info = {"hessian": self.name, "n_samples": self.n_samples, "excluded": excluded}
+        info = {"hessian": self.name, "n_samples": n_samples, "excluded": excluded}
         curv = CGCurvature(
             op, problem.scale, 0.0, task.l2, p, self.rtol, self.maxiter, self.max_columns, info
         )

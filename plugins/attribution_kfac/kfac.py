@@ -81,7 +81,7 @@ class KFACHessian(HessianApproximation):
         self,
         damping: float = 1e-8,
         damping_mode: str = "absolute",
-        n_samples: int = 1,
+        n_samples: int | None = None,
         fisher: str = "mc",
         mc_samples: int = 1,
         approx: str = "expand",
@@ -120,11 +120,12 @@ class KFACHessian(HessianApproximation):
                 factor.
         """
         check_params(params, self.name)
-        problem = get_problem(model, task, seed, self.n_samples, self.name)
+        n_samples = self.n_samples or max(1, int(getattr(train_measurement, "n_samples", 1)))
+        problem = get_problem(model, task, seed, n_samples, self.name)
         plist, excluded = problem_parameters(problem, params, self.name)
         blocks = layer_blocks(problem, params, not self.separate_weight_and_bias, self.name)
         device = plist[0].device
-        parts = self._key_parts(model, task, seed, params, problem)
+        parts = self._key_parts(model, task, seed, params, problem, n_samples)
         store = FactorCache(cache_dir) if (cache_dir is not None and self.cache) else None
         t0 = time.perf_counter()
         factors = store.load(parts, device) if store is not None else None
@@ -146,7 +147,7 @@ class KFACHessian(HessianApproximation):
             "fisher": self.fisher,
             "mc_samples": self.mc_samples,
             "approx": self.approx,
-            "n_samples": self.n_samples,
+            "n_samples": n_samples,
             "separate_weight_and_bias": self.separate_weight_and_bias,
             "excluded": excluded,
             "from_cache": cached,
@@ -171,6 +172,7 @@ class KFACHessian(HessianApproximation):
         seed: int,
         params: Mapping[str, Tensor],
         problem: CurvatureProblem,
+        n_samples: int,
     ) -> dict[str, Any]:
         """Everything the factors depend on (damping is applied at solve time, not cached)."""
         return {
@@ -182,7 +184,7 @@ class KFACHessian(HessianApproximation):
             "fisher": self.fisher,
             "mc_samples": self.mc_samples,
             "approx": self.approx,
-            "n_samples": self.n_samples,
+            "n_samples": n_samples,
             "separate_weight_and_bias": self.separate_weight_and_bias,
             "params": layout_of(params),
             "loss": type(problem.loss_function).__name__,

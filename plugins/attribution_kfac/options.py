@@ -17,8 +17,11 @@ class _Damping(BaseModel):
     damping_mode: Literal["absolute", "relative"] = Field(
         "absolute", description="relative: λ = damping · tr(H)/p."
     )
-    n_samples: int = Field(
-        1, ge=1, description="Monte-Carlo draws (e.g. of (t, ε)) per training example in the fit."
+    n_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Monte-Carlo draws (e.g. of (t, ε)) per training example in the fit "
+        "(None: the train_function's n_samples, as for the gradients).",
     )
 
 
