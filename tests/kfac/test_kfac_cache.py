@@ -56,3 +56,22 @@ def test_corrupted_cache_is_recomputed_with_warning(tmp_path, conv_task, damage)
 def test_cache_off(tmp_path, conv_task):
     fit(KFACHessian(cache=False), conv_task, cache_dir=tmp_path)
     assert _files(tmp_path) == []
+
+
+def test_pipeline_second_run_reuses_factors(tmp_path):
+    """Through ``attribute()``: the second run with the same config loads the factors."""
+    from attribution_core import attribute
+
+    cfg = {
+        "task": {"name": "digits-classifier", "n_train": 60, "hidden": 8, "steps": 20},
+        "methods": ["kfac-influence", "ekfac-influence"],
+        "queries": {"count": 3},
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    first = attribute(cfg)
+    second = attribute(cfg)  # no `out`: nothing resumed, the scorer runs again
+    for label in ("kfac-influence", "ekfac-influence"):
+        assert not first.manifests[label]["info"]["curvature"]["from_cache"]
+        assert second.manifests[label]["info"]["curvature"]["from_cache"]
+        assert (first.scores[label] == second.scores[label]).all()
+    assert len(_files(tmp_path / "cache")) == 2
