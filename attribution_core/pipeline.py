@@ -93,6 +93,9 @@ def resolve(
             f"target: {target.name!r} is a function only (for train_function/query_function), not "
             f"a target; valid targets: {', '.join(targets)}"
         )
+    reg.validate_options(
+        "executor", config.executor.name, config.executor.options, where="executor"
+    )
     methods = [
         resolve_method(m, reg, run_seed=config.seed, where=f"methods[{i}]")
         for i, m in enumerate(config.methods)
@@ -271,6 +274,9 @@ def attribute(
     if out_dir is not None:
         save_queries(out_dir, queries)
 
+    executor = resolved.registry.create(
+        "executor", cfg.executor.name, where="executor", **cfg.executor.options
+    )
     fingerprint = model_fingerprint(model)
     scores: dict[str, np.ndarray] = {}
     manifests: dict[str, dict[str, Any]] = {}
@@ -293,6 +299,7 @@ def attribute(
             cache_dir=cfg.cache_dir,
             chunk_size=cfg.chunk_size,
             progress=progress,
+            executor=executor,
         )
         t0 = time.perf_counter()
         s = scorer.scores(task, model, queries, context)
