@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,8 @@ def per_example_gradients(
 
 def check_finite(G: Tensor, rows: slice, layout: list[tuple[str, int]], what: str) -> None:
     """Raise :class:`NumericalError` naming the first non-finite row and parameter tensor."""
+    if G.numel() == 0 or bool(torch.isfinite(G.sum())):
+        return  # one reduction: NaN/Inf propagate into the sum (an overflow falls through)
     bad = ~torch.isfinite(G)
     if not bad.any():
         return
@@ -200,9 +205,55 @@ class GradientCache:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(path, matrix)
+        self._write_meta(path, parts)
+
+    @staticmethod
+    def _write_meta(path: Path, parts: dict[str, Any]) -> None:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(parts, default=str, sort_keys=True))
         tmp.replace(path.with_suffix(".json"))
+
+    @contextmanager
+    def writer(
+        self, key: str, parts: dict[str, Any], shape: tuple[int, int], dtype: np.dtype
+    ) -> Iterator[Callable[[np.ndarray], None]]:
+        """``write(rows)`` appending C-order rows to an ``.npy`` of ``shape``, published atomically.
+
+        The ``.npy`` header is written first, then each chunk's bytes as they come (no copy of
+        the whole matrix in memory, unlike ``np.save`` of a concatenation). The file is renamed
+        over the key's path, and its ``.json`` written, only when the ``with`` block ends
+        without an exception and all ``shape[0]`` rows were written; otherwise (an exception,
+        an abandoned generator) the temporary file is removed.
+        """
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npy")
+        written = 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                    "fortran_order": False,
+                    "shape": tuple(shape),
+                }
+                np.lib.format.write_array_header_1_0(fh, header)
+
+                def write(block: np.ndarray) -> None:
+                    nonlocal written
+                    block = np.ascontiguousarray(block, dtype=dtype)
+                    fh.write(block.tobytes())
+                    written += block.shape[0]
+
+                yield write
+                if written != shape[0]:
+                    raise RuntimeError(f"gradient cache: {written} of {shape[0]} rows written")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._write_meta(path, parts)
 
 
 def gradient_chunks(
@@ -253,8 +304,8 @@ def gradient_chunks(
     key = cache_key(**parts)
     cached = cache.load(key, parts)
     if cached is None:
-        blocks = []
-        for rows, G in gradient_chunks(
+        # rows go straight into a memory-mapped file: one chunk in memory at a time
+        chunks = gradient_chunks(
             model,
             measurement,
             data,
@@ -265,10 +316,19 @@ def gradient_chunks(
             progress=progress,
             desc=desc,
             transform=transform,
-        ):
-            blocks.append(G.detach().cpu().numpy())
+        )
+        first = next(chunks, None)
+        if first is None:
+            return
+        rows, G = first
+        shape = (batch_size(data), G.shape[1])
+        dtype = np.dtype(str(G.dtype).removeprefix("torch."))
+        with cache.writer(key, parts, shape, dtype) as write:
+            write(G.detach().cpu().numpy())
             yield rows, G
-        cache.save(key, parts, np.concatenate(blocks))
+            for rows, G in chunks:
+                write(G.detach().cpu().numpy())
+                yield rows, G
         return
     device = next(iter(params.values())).device
     n = cached.shape[0]
