@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from attribution_core.config import CounterfactualConfig, RunConfig, as_measurement, load_config
+from attribution_core.config import (
+    CounterfactualConfig,
+    RunConfig,
+    as_measurement,
+    label_of,
+    load_config,
+)
+from attribution_core.errors import ConfigError
 from attribution_core.evaluation.executors import make_executor
 from attribution_core.evaluation.runs import (
     Job,
@@ -80,6 +87,21 @@ def counterfactual(
     cf = cfg.evaluation.counterfactual or CounterfactualConfig()
     out = Path(out)
     bound = prepare(cfg, out)[2] if cfg.evaluation.suite else cfg
+    resolved = resolve(bound)
+    # oracle scorers (exact retraining) have no per-example ranking to remove from: skipped
+    skipped = [
+        m.label
+        for m in resolved.methods
+        if getattr(resolved.registry.get("scorer", m.scorer_name).factory, "uses_oracle", False)
+    ]
+    if len(skipped) == len(resolved.methods):
+        raise ConfigError(
+            "methods: counterfactual needs a method with scores; "
+            f"{', '.join(skipped)} only predict subsets from retrained models"
+        )
+    bound = bound.model_copy(
+        update={"methods": [e for e in bound.methods if label_of(e) not in skipped]}
+    )
     resolved = resolve(bound)
     train_cfg, switched = _same_steps(bound, resolved.registry)
     result = attribute(bound, out=out, progress=progress)
@@ -165,6 +187,7 @@ def counterfactual(
             "same_steps_as_full": True,
             "scale_steps_switched_off": switched,
             "target": tid,
+            "skipped_oracle_methods": skipped,
         },
     )
     if (out / "bench.json").is_file():

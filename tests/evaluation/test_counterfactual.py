@@ -56,3 +56,21 @@ def test_counterfactual_merged_into_report(lin_bench, lin_suite) -> None:
     cf = pd.read_csv(lin_bench / "counterfactual.csv")
     assert set(cf["label"]) >= {"grad-dot", "dense-influence"}
     assert "Retraining without top influences" in (lin_bench / "report.md").read_text()
+
+
+def test_oracle_methods_are_skipped(lin_suite, tmp_path) -> None:
+    from attribution_core.errors import ConfigError
+    from attribution_core.evaluation.counterfactual import counterfactual
+
+    suite, cfg = lin_suite
+    data = json.loads(json.dumps(cfg))
+    data["evaluation"] = {
+        "suite": str(suite),
+        "counterfactual": {"remove_fraction": 0.1, "seeds": 1, "queries": 1},
+    }
+    data["methods"] = ["exact-retraining"]
+    with pytest.raises(ConfigError, match="counterfactual needs a method with scores"):
+        counterfactual(data, tmp_path / "cf")
+    data["methods"] = ["grad-dot", "exact-retraining"]
+    table = counterfactual(data, tmp_path / "cf")
+    assert list(table["label"]) == ["grad-dot"]
