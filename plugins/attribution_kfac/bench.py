@@ -50,11 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=1400)
     ap.add_argument("--n-samples", type=int, default=4)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--T", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=4)
     ap.add_argument("--cg-dampings", type=float, nargs="*", default=[1e2, 1e1, 1.0, 1e-1, 1e-2])
     ap.add_argument("--cg-maxiter", type=int, default=150)
     ap.add_argument("--cg-rtol", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fisher", default="mc", choices=["mc", "empirical", "type-2"])
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -64,8 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         n_train=args.n_train,
         train_steps=args.train_steps,
         n_samples=args.n_samples,
+        width=args.width,
+        T=args.T,
     )
+    t0 = time.perf_counter()
     model = task.base_model(0)
+    print(f"training {time.perf_counter() - t0:.0f}s", flush=True)
     params, excluded = select_parameters(model)
     queries = task.make_queries(model, args.queries, 0)
     fn = task.training_loss(args.n_samples)
@@ -85,9 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     fits = {}
     for cls in (KFACHessian, EKFACHessian):
         t0 = time.perf_counter()
-        curv = cls(damping=1.0).fit(model, task, fn, 0, params=params, train_gradients=None)
+        curv = cls(damping=1.0, fisher=args.fisher).fit(
+            model, task, fn, 0, params=params, train_gradients=None
+        )
         fits[cls.name] = curv
-        print(f"{cls.name} fit: {time.perf_counter() - t0:.1f}s")
+        print(f"{cls.name} (fisher {args.fisher}) fit: {time.perf_counter() - t0:.1f}s")
 
     def solve_at(name: str, lam: float) -> torch.Tensor:
         c = fits[name]

@@ -121,3 +121,18 @@ def test_deep_linear_type2_is_block_diagonal_ggn(deep_linear_task, cls, separate
     Gq = per_example_gradients(model, fn, model_q, {}, params)
     want = Gt @ torch.linalg.solve(H_bd + lam * torch.eye(H.shape[0], dtype=H.dtype), Gq.T)
     assert (got - want).abs().max().item() < TOL * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("cls", HESSIANS)
+def test_conv_covering_the_input_is_exact(cls):
+    """Conv2d whose 3×3 kernel covers the 2×3×3 input (one output position): no weight sharing,
+    so K-FAC type-2 with joint weight and bias is the GGN — this pins the (c_in, kh, kw) layout."""
+    from kfac_toys import ToyTask, inputs
+    from torch import nn
+
+    task = ToyTask(lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()), inputs(20, (2, 3, 3)))
+    hess = cls(fisher="type-2", separate_weight_and_bias=False, damping=1e-3)
+    model, params, curv = fit(hess, task)
+    H = dense_ggn(model, task, params, seed=0)
+    err = (curv.dense() - H).abs().max().item()
+    assert err < TOL, f"{cls.name}: max |H_kfac − GGN| = {err:.2e}"
