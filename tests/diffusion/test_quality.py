@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 
 @pytest.mark.slow
@@ -15,7 +14,6 @@ def test_default_model_draws_recognisable_digits():
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
-    torch.set_num_threads(2)
     task = DDPMDigitsTask()  # defaults: digits-2, T = 1000
     model = task.base_model(0)
     x, _ = task.sample(model, 64, seed=0)
