@@ -19,7 +19,13 @@ from attribution_core.config import RunConfig, as_measurement, label_of, load_co
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation import lds as L
 from attribution_core.evaluation.runs import load_query_arrays, target_id
-from attribution_core.evaluation.suite import Suite, check_lds_block, check_masks, load_suite
+from attribution_core.evaluation.suite import (
+    Suite,
+    check_lds_block,
+    check_masks,
+    load_suite,
+    require_task,
+)
 from attribution_core.storage import atomic_save_npy, atomic_write_json
 
 LDS_COLUMNS = [
@@ -54,6 +60,7 @@ def prepare(cfg: RunConfig, out: Path) -> tuple[Suite, str, RunConfig]:
     """
     from attribution_core.pipeline import build_task, resolve
 
+    require_task(cfg)
     resolved = resolve(cfg)
     suite = load_suite(cfg.evaluation.suite)
     tid = target_id(as_measurement(cfg.target))

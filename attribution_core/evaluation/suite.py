@@ -125,6 +125,15 @@ def suite_targets(cfg: RunConfig) -> list[MeasurementConfig]:
     return [as_measurement(r) for r in refs]
 
 
+def require_task(cfg: RunConfig) -> None:
+    """Suites retrain from the config alone: a registered ``task`` entry is required."""
+    if cfg.task is None:
+        raise ConfigError(
+            "task: suites and benches rebuild the task in worker processes; give "
+            "`task: {name: <registered task>, ...}` (see `attribution list --kind task`)"
+        )
+
+
 def draw_masks(n_train: int, subsets: int, kept_fraction: float, seed: int) -> np.ndarray:
     """``(subsets, n_train)`` bool, exactly ``⌊α·N⌋`` True per row, from ``seed``."""
     n_keep = int(np.floor(kept_fraction * n_train))
@@ -189,6 +198,7 @@ def build_suite(
     )
 
     cfg = load_config(config, overrides)
+    require_task(cfg)
     resolved = resolve(cfg)
     lds = cfg.evaluation.lds or LDSConfig()
     targets = suite_targets(cfg)

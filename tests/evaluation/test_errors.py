@@ -143,3 +143,11 @@ def test_topk_errors(lin_bench, tmp_path) -> None:
     res = runner.invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "has no bench.json" in res.output
     assert np.load(lin_bench / "grad-dot" / "scores.npy").shape == (40, 5)
+
+
+def test_config_without_task_is_refused(lin_suite, tmp_path) -> None:
+    _, cfg = lin_suite
+    data = json.loads(json.dumps(cfg))
+    del data["task"]
+    with pytest.raises(ConfigError, match="task: suites and benches rebuild the task"):
+        build_suite(data, tmp_path / "s")
