@@ -39,9 +39,11 @@ def train_one(item: tuple[Any, np.ndarray, int]) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def make_task(classes: list[int], steps: int, n_train: int | None) -> Any:
+def make_task(
+    classes: list[int], steps: int, n_train: int | None, width: int = 16, batch_size: int = 64
+) -> Any:
     reg = get_registry()
-    opts = {"classes": classes, "train_steps": steps}
+    opts = {"classes": classes, "train_steps": steps, "width": width, "batch_size": batch_size}
     if n_train:
         opts["n_train"] = n_train
     opts = reg.validate_options("task", "ddpm-digits", opts, where="task")
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--classes", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--models", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20, help="train_steps (halved by scale_steps)")
+    ap.add_argument("--width", type=int, default=16, help="U-Net base channels")
+    ap.add_argument("--batch-size", type=int, default=64, help="training minibatch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument(
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n_train = None
     if a.quick:
         a.models, a.steps, n_train = 4, 4, 64
-    task = make_task(a.classes, a.steps, n_train)
+    task = make_task(a.classes, a.steps, n_train, a.width, a.batch_size)
     n = task.n_train
     rng = np.random.default_rng(0)
     masks = np.zeros((a.models, n), dtype=np.float32)
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         header(
             f"retraining {a.models} DDPM models (digits-{len(a.classes)}, N={n}, "
-            f"{n_params} params, {steps} Adam steps of batch 64 each, half the data kept)",
+            f"{n_params} params, {steps} Adam steps of batch {a.batch_size} each, half the data kept)",
             ("ray",),
         )
     )
