@@ -91,7 +91,7 @@ def test_int8_query_compression_keeps_rankings(reg, tmp_path):
     """Acceptance 2: kfac-influence (int8 queries) vs the same without compression."""
     registry = get_registry([_uncompressed_presets()])
     cfg = {
-        "task": {"name": "ddpm-digits", "n_train": 64, "n_samples": 4},
+        "task": {"name": "ddpm-digits"},  # the defaults: classes {0, 1}, all 360, n_samples 8
         "queries": {"count": 4, "seed": 0},
         "methods": ["kfac-influence", "kfac-influence-fp32"],
         "cache_dir": str(tmp_path / "cache"),
