@@ -164,7 +164,8 @@ def train_ensemble(
             if n_steps == step + 1:
                 final[m] = {k: source[k][m].detach().clone() for k in names}
     for model, state in zip(models, final, strict=True):
-        assert state is not None  # every model reaches its step count
+        if state is None:  # unreachable: every model reaches its own step count
+            raise RuntimeError("train_ensemble: a model never reached its step count")
         with torch.no_grad():
             for k, p in model.named_parameters():
                 p.copy_(state[k])
