@@ -1,7 +1,7 @@
 """Per-phase cost of kfac / ekfac / trak / d-trak on DDPM digits as ratios to the fwd+bwd floor.
 
 For each method, in one process: the floor (``_common.floor_seconds``, S·N rows in batches of
-64) is measured right before the method, then ``attribution_core.pipeline.attribute`` runs the
+64) is measured right before and right after the method (their mean is the divisor), and ``attribution_core.pipeline.attribute`` runs the
 method alone (fresh cache directory, so the method computes everything itself; within the
 method the gradient cache is used as designed). Reported per method: the pipeline's phases
 (fit, query gradients, train gradients + scores, total) and, from timers wrapped around
@@ -164,8 +164,11 @@ def per_phase(classes: list[int], samples: int, extra: dict, methods: tuple[str,
     queries = fixed_queries(task, model, path, 16)
     rows = []
     for m in methods:
-        floor = floor_seconds(model, task, samples)
+        before = floor_seconds(model, task, samples)
         r = run_method(m, opts, path, queries, samples)
+        # the machine may be shared: the floor is the mean of one measurement before and
+        # one after the method, so a load change during the run shows in both
+        floor = (before + floor_seconds(model, task, samples)) / 2
         row = phase_rows(m, r, floor)
         row["data"] = f"digits-{len(classes)} N={task.n_train} S={samples}"
         rows.append(row)
