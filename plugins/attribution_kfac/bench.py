@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         "int8 vs fp32 (K-FAC) | int8 vs fp32 (EK-FAC) |"
     )
     print("|---|---|---|---|---|---|")
-    for lam in DAMPINGS:
+    for lam in sorted(set(DAMPINGS) | set(cg_scores)):
         row = {}
         for name in fits:
             Q = solve_at(name, lam)
