@@ -30,6 +30,7 @@ from _common import (
     build,
     fixed_queries,
     floor_seconds,
+    floor_times,
     header,
     table,
     task_options,
@@ -51,11 +52,12 @@ def phase_timers():
         orig = getattr(owner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return orig(*args, **kwargs)
             finally:
                 acc[key] += time.perf_counter() - t0
+                acc[key + " cpu"] += time.process_time() - c0
 
         setattr(owner, name, timed)
         patched.append((owner, name, orig))
@@ -113,9 +115,9 @@ def run_method(
             "cache_dir": cache,
         }
         with RSSSampler() as rss, phase_timers() as acc:
-            t_start = time.perf_counter()
+            t_start, c_start = time.perf_counter(), time.process_time()
             res = attribute(cfg, task=task)
-            t_end = time.perf_counter()
+            t_end, cpu = time.perf_counter(), time.process_time() - c_start
     man = next(iter(res.manifests.values()))
     tm = man["timings"]
     # phases run back to back at the end of the call: fit, query gradients, train + scores
@@ -134,10 +136,13 @@ def run_method(
         "scores": res.scores[man["label"]],
         "info": man["info"],
         "seed": man["seeds"]["method"],
+        "cpu": cpu,
     }
 
 
-def phase_rows(label: str, r: dict[str, Any], floor: float) -> dict[str, Any]:
+def phase_rows(
+    label: str, r: dict[str, Any], floor: float, floor_cpu: float = float("nan")
+) -> dict[str, Any]:
     tm, acc = r["timings"], r["acc"]
     train_phase = tm["train_gradients_and_scores"]
     row = {
@@ -151,6 +156,9 @@ def phase_rows(label: str, r: dict[str, Any], floor: float) -> dict[str, Any]:
         "projection/int8 ×": acc.get("compress", 0.0) / floor,
         "total s": tm["total"],
         "total ×": tm["total"] / floor,
+        "CPU total ×": r["cpu"] / floor_cpu,
+        "CPU per-ex grads ×": acc.get("gradients cpu", 0.0) / floor_cpu,
+        "CPU projection ×": acc.get("compress cpu", 0.0) / floor_cpu,
         "RSS fit MiB": r["rss"]["fit"],
         "RSS query MiB": r["rss"]["query"],
         "RSS train MiB": r["rss"]["train+scores"],
@@ -164,12 +172,14 @@ def per_phase(classes: list[int], samples: int, extra: dict, methods: tuple[str,
     queries = fixed_queries(task, model, path, 16)
     rows = []
     for m in methods:
-        before = floor_seconds(model, task, samples)
+        before = floor_times(model, task, samples)
         r = run_method(m, opts, path, queries, samples)
+        after = floor_times(model, task, samples)
         # the machine may be shared: the floor is the mean of one measurement before and
-        # one after the method, so a load change during the run shows in both
-        floor = (before + floor_seconds(model, task, samples)) / 2
-        row = phase_rows(m, r, floor)
+        # one after the method, so a load change during the run shows in both; CPU-time
+        # ratios (process_time, one thread) are disturbed much less by other jobs
+        floor, floor_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        row = phase_rows(m, r, floor, floor_cpu)
         row["data"] = f"digits-{len(classes)} N={task.n_train} S={samples}"
         rows.append(row)
         print(
@@ -273,6 +283,9 @@ COLUMNS = [
     "projection/int8 ×",
     "total s",
     "total ×",
+    "CPU total ×",
+    "CPU per-ex grads ×",
+    "CPU projection ×",
     "RSS fit MiB",
     "RSS query MiB",
     "RSS train MiB",
@@ -335,8 +348,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print(table(rows, COLUMNS))
     print()
-    summ = ", ".join(f"{r['method']}@{r['data'].split()[0]} {r['total ×']:.2f}×" for r in rows)
-    print(f"SUMMARY vs_floor (total / floor): {summ}")
+    summ = ", ".join(
+        f"{r['method']}@{r['data'].split()[0]} {r['total ×']:.2f}× (CPU {r['CPU total ×']:.2f}×)"
+        for r in rows
+    )
+    print(f"SUMMARY vs_floor (total / floor, wall and CPU time): {summ}")
     return rows
 
 
