@@ -151,7 +151,9 @@ def build(task_opts: dict[str, Any], seed: int = 0):
     task = reg.get("task", task_opts["name"]).factory(
         dtype=torch.float32, device=torch.device("cpu"), **opts
     )
-    path = CACHE / "models" / f"{cache_key(task=task.describe(), seed=seed)}.safetensors"
+    # training does not use n_samples (the measurements' draw count): key the model without it
+    described = {**task.describe(), "n_samples": 8}
+    path = CACHE / "models" / f"{cache_key(task=described, seed=seed)}.safetensors"
     model = task.build_model(seed)
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
