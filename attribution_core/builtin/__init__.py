@@ -17,12 +17,7 @@ from attribution_core.builtin.scorers import (
     InfluenceScorer,
     SimilarityOptions,
 )
-from attribution_core.evaluation.executors import (
-    RayExecutor as _ray_executor,
-)
-from attribution_core.evaluation.executors import (
-    RayOptions as _RayOptions,
-)
+from attribution_core.evaluation.executors import RayExecutor, RayOptions
 from attribution_core.hookspecs import hookimpl
 from attribution_core.methods import MethodPreset
 from attribution_core.registry import Component
@@ -84,9 +79,9 @@ def attribution_register_components() -> list[Component]:
         Component(
             "executor",
             "ray",
-            _ray_executor,
+            RayExecutor,
             "Run jobs as Ray tasks (local instance or cluster address).",
-            _RayOptions,
+            RayOptions,
         ),
         Component(
             "method",
