@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "models": a.models,
             "seconds": t_single,
             "speed-up": 1.0,
-            "max |Δθ| vs one-by-one": 0.0,
+            "max abs Δθ vs one-by-one": 0.0,
         }
     )
     print(f"  one-by-one: {t_single:.1f} s", flush=True)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "models": a.models,
             "seconds": t_batch,
             "speed-up": t_single / t_batch,
-            "max |Δθ| vs one-by-one": diff,
+            "max abs Δθ vs one-by-one": diff,
         }
     )
     print(f"  train_ensemble: {t_batch:.1f} s", flush=True)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "models": a.models,
                 "seconds": t_ray,
                 "speed-up": t_single / t_ray,
-                "max |Δθ| vs one-by-one": diff_r,
+                "max abs Δθ vs one-by-one": diff_r,
             }
         )
         print(f"  ray: {t_ray:.1f} s", flush=True)
