@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attribution_core import Component, hookimpl
+from attribution_diffusion.diffusers_task import DiffusersDDPMTask, DiffusersOptions
 from attribution_diffusion.measurements import (
     EpsOptions,
     TimestepLossOptions,
@@ -19,7 +20,7 @@ from attribution_diffusion.task import DDPMDigitsTask, DDPMOptions
 
 @hookimpl
 def attribution_register_components() -> list[Component]:
-    """Task ddpm-digits; targets timestep-loss, neg-elbo, trajectory-nll; D-TRAK functions."""
+    """Tasks ddpm-digits, ddpm-diffusers; targets timestep-loss, neg-elbo, trajectory-nll; D-TRAK functions."""
     return [
         Component(
             "task",
@@ -27,6 +28,13 @@ def attribution_register_components() -> list[Component]:
             DDPMDigitsTask,
             "DDPM U-Net on 8x8 digits (or CIFAR-10 / an image folder), ε-loss.",
             DDPMOptions,
+        ),
+        Component(
+            "task",
+            "ddpm-diffusers",
+            DiffusersDDPMTask,
+            "Your diffusers UNet2DModel + DDPMScheduler (local save_pretrained folder), ε-loss.",
+            DiffusersOptions,
         ),
         Component(
             "measurement",

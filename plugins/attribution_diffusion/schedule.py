@@ -42,8 +42,17 @@ class Schedule:
         device: torch.device | str = "cpu",
     ) -> Schedule:
         """Linear β_t from ``beta_start`` (t = 1) to ``beta_end`` (t = T)."""
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        return cls.from_betas(betas, dtype, device)
+
+    @classmethod
+    def from_betas(
+        cls, betas: Tensor, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> Schedule:
+        """Any schedule from ``betas: (T,)`` = (β_1..β_T) (e.g. a diffusers scheduler's ``betas``)."""
+        T = int(betas.shape[0])
         beta = torch.zeros(T + 1, dtype=torch.float64)
-        beta[1:] = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        beta[1:] = betas.detach().to("cpu", torch.float64)
         alpha = 1.0 - beta
         alpha_bar = torch.cumprod(alpha, dim=0)
         beta_tilde = torch.zeros_like(beta)
