@@ -8,16 +8,15 @@ ggn-cg-influence by Spearman (printed, not asserted equal: K-FAC is not exact on
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import yaml
+from attribution_diffusion.diffusers_task import DiffusersDDPMTask
 from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
 from attribution_core import attribute
 from attribution_core.cli import app
 from attribution_core.gradients import example_noise
-from attribution_diffusion.diffusers_task import DiffusersDDPMTask
 
 N_TRAIN, N_QUERY, N_SAMPLES = 10, 3, 2
 
