@@ -105,7 +105,7 @@ def test_kfac_vs_ggn_cg_spearman(model_dir):
         model_dir,
         [
             {"name": "kfac-influence", **damping},
-            {"name": "ggn-cg-influence", **damping, "rtol": 1e-6, "maxiter": 100},
+            {"name": "ggn-cg-influence", **damping, "rtol": 1e-5, "maxiter": 100},
         ],
     )
     res = attribute(cfg)
