@@ -127,7 +127,7 @@ def check_finite(G: Tensor, rows: slice, layout: list[tuple[str, int]], what: st
             break
         offset += k
     raise NumericalError(
-        f"non-finite {what} gradient at example {rows.start + row}, parameter {name!r} "
+        f"non-finite value in {what} at example {rows.start + row}, parameter {name!r} "
         f"({int(bad.sum())} non-finite entries in rows {rows.start}..{rows.stop - 1}); check the "
         f"model weights and data for NaN/Inf"
     )
