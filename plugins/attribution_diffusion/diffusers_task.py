@@ -20,10 +20,10 @@ import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from attribution_core import ConfigError
@@ -45,15 +45,14 @@ from attribution_diffusion.diffusers_model import (
     unet_dir,
 )
 from attribution_diffusion.schedule import Schedule
-from attribution_diffusion.task import DDPMDigitsTask
+from attribution_diffusion.task import DataTrainingOptions, DDPMDigitsTask
 
 log = logging.getLogger(__name__)
 
 
-class DiffusersOptions(BaseModel):
-    """Options of ``ddpm-diffusers``."""
+class DiffusersOptions(DataTrainingOptions):
+    """Options of ``ddpm-diffusers`` (data and training options as in ``ddpm-digits``)."""
 
-    model_config = ConfigDict(extra="forbid")
     model_dir: str | None = Field(
         None,
         description="Local save_pretrained folder: unet/ + scheduler/ (or config.json + "
@@ -71,29 +70,13 @@ class DiffusersOptions(BaseModel):
     plain_attention: bool = Field(
         True, description="Use diffusers' AttnProcessor (vmap-friendly) in attention layers."
     )
-    data: Literal["digits", "cifar10", "folder"] = Field("digits", description="Image source.")
-    path: str | None = Field(
-        None, description="Local folder for cifar10 / folder (never downloaded)."
-    )
-    classes: list[int] = Field([0, 1], description="Class indices (digits/cifar10: 0–9).")
-    n_train: int | None = Field(
-        None, ge=1, description="First n examples of those classes (None = all)."
-    )
     image_size: int | None = Field(
         None,
         ge=1,
         description="Resize images to this side (None: the source's size; folder: sample_size).",
     )
-    grayscale: bool = Field(False, description="folder only: load images as one channel.")
     train_steps: int = Field(1000, ge=1, description="Adam steps on all of D (retraining).")
-    batch_size: int = Field(64, ge=1, description="Minibatch size.")
     lr: float = Field(2e-4, gt=0.0, description="Adam learning rate.")
-    scale_steps: bool = Field(True, description="Steps × kept fraction (half data → half steps).")
-    ema: bool = Field(False, description="Use an EMA of the weights everywhere.")
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step.")
-    n_samples: int = Field(
-        8, ge=1, description="Default (t, ε) draws per example for measurements."
-    )
 
     @model_validator(mode="after")
     def _source(self) -> DiffusersOptions:

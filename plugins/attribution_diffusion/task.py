@@ -26,8 +26,8 @@ from attribution_diffusion.schedule import Schedule
 from attribution_diffusion.unet import UNet, check_image_size
 
 
-class DDPMOptions(BaseModel):
-    """Options of ``ddpm-digits``."""
+class DataTrainingOptions(BaseModel):
+    """Data and training options shared by ``ddpm-digits`` and ``ddpm-diffusers``."""
 
     model_config = ConfigDict(extra="forbid")
     data: Literal["digits", "cifar10", "folder"] = Field("digits", description="Image source.")
@@ -42,14 +42,6 @@ class DDPMOptions(BaseModel):
         None, ge=1, description="Side in pixels (None: 8 digits, 32 otherwise)."
     )
     grayscale: bool = Field(False, description="folder only: load images as one channel.")
-    T: int = Field(1000, ge=2, description="Diffusion timesteps.")
-    beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="β_1 of the linear schedule.")
-    beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="β_T of the linear schedule.")
-    width: int = Field(16, ge=1, description="U-Net base channels.")
-    channel_mult: list[int] = Field(
-        [1, 2], min_length=1, description="Channels per level (× width)."
-    )
-    num_res_blocks: int = Field(1, ge=1, description="Residual blocks per level.")
     train_steps: int = Field(1000, ge=1, description="Adam steps on all of D.")
     batch_size: int = Field(64, ge=1, description="Minibatch size.")
     lr: float = Field(2e-3, gt=0.0, description="Adam learning rate.")
@@ -59,8 +51,6 @@ class DDPMOptions(BaseModel):
     n_samples: int = Field(
         8, ge=1, description="Default (t, ε) draws per example for measurements."
     )
-    sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="Query sampler.")
-    ddim_steps: int = Field(50, ge=1, description="DDIM steps (sampler: ddim).")
 
     @field_validator("classes")
     @classmethod
@@ -69,6 +59,21 @@ class DDPMOptions(BaseModel):
         if bad or not v:
             raise ValueError(f"classes must be distinct class indices in 0–9, got {v}")
         return sorted(set(v))
+
+
+class DDPMOptions(DataTrainingOptions):
+    """Options of ``ddpm-digits``."""
+
+    T: int = Field(1000, ge=2, description="Diffusion timesteps.")
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0, description="β_1 of the linear schedule.")
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0, description="β_T of the linear schedule.")
+    width: int = Field(16, ge=1, description="U-Net base channels.")
+    channel_mult: list[int] = Field(
+        [1, 2], min_length=1, description="Channels per level (× width)."
+    )
+    num_res_blocks: int = Field(1, ge=1, description="Residual blocks per level.")
+    sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="Query sampler.")
+    ddim_steps: int = Field(50, ge=1, description="DDIM steps (sampler: ddim).")
 
     @field_validator("channel_mult")
     @classmethod
