@@ -39,6 +39,9 @@ SetOption = Annotated[
 ]
 
 
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(ExitCode.USAGE_ERROR)
@@ -107,7 +110,7 @@ def attribute(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
     set_: SetOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Attribute every method of CONFIG: OUT/<label>/scores.npy and manifest.json."""
     from attribution_core.pipeline import attribute as run
@@ -128,7 +131,7 @@ def suite_build(
     config: Annotated[Path, typer.Argument(help="Run config (YAML) with evaluation.lds.")],
     out: Annotated[Path, typer.Option("--out", help="Suite directory (resumes if it exists).")],
     set_: SetOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train base model, queries, masks, retrainings and oracle; measure targets (resumable)."""
     from attribution_core.evaluation.suite import build_suite
@@ -149,7 +152,7 @@ def bench(
     config: Annotated[Path, typer.Argument(help="Run config (YAML) with evaluation.suite.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
     set_: SetOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Every method on a pinned suite (no training): lds.csv, report.md, report.html, figures."""
     from attribution_core.evaluation.bench import bench as run
@@ -167,7 +170,7 @@ def counterfactual(
         Path, typer.Option("--out", help="Output directory (a bench output is reused).")
     ],
     set_: SetOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Retrain without each method's top influences vs random removal (resumable)."""
     from attribution_core.evaluation.counterfactual import counterfactual as run
