@@ -106,6 +106,12 @@ class CounterfactualConfig(StrictModel):
     remove_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     seeds: int = Field(3, ge=1)
     queries: int = Field(5, ge=1)
+    regenerate: bool = Field(
+        False,
+        description="Also regenerate each query from the same sampling noise with every "
+        "retrained model (top, random and full data) and report the pixel distance "
+        "‖x_regen − x_query‖₂; needs queries.source: generated.",
+    )
 
 
 class EvaluationConfig(StrictModel):

@@ -9,6 +9,11 @@ with ``seeds`` full-data models trained here with the same seeds) and report the
 Training uses the same step count as full training: if the task has a ``scale_steps`` option
 (fewer steps for less data), it is switched off for these retrainings.  Runs are stored one file
 per model under ``DIR/counterfactual/runs`` (resumable like ``suite build``).
+
+With ``regenerate: true`` (generated queries only) every retrained model — top removal, random
+removal and full data — also regenerates the queries from the same sampling noise, and the
+table gains the pixel distance ``‖x_regen − x_q‖₂`` (:mod:`attribution_core.evaluation.regenerate`;
+mean ± s.e. over seeds) for each; the full-data distance is the seed-noise baseline.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from attribution_core.config import (
     load_config,
 )
 from attribution_core.errors import ConfigError
+from attribution_core.evaluation import regenerate as R
 from attribution_core.evaluation.executors import make_executor
 from attribution_core.evaluation.runs import (
     Job,
@@ -38,7 +44,7 @@ from attribution_core.evaluation.runs import (
 )
 from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.interfaces import index_batch
-from attribution_core.storage import atomic_write_json
+from attribution_core.storage import atomic_save_npy, atomic_write_json
 
 CF_COLUMNS = [
     "label",
@@ -53,6 +59,16 @@ CF_COLUMNS = [
     "top_minus_random",
     "n_seeds",
 ]
+REGEN_COLUMNS = [
+    "regen_top_mean",
+    "regen_top_stderr",
+    "regen_random_mean",
+    "regen_random_stderr",
+    "regen_full_mean",
+    "regen_full_stderr",
+]
+"""Pixel distance of the regenerated query (``regenerate: true``): after top removal, after
+random removal, and for the full-data models (the seed-noise baseline)."""
 
 
 def _same_steps(cfg: RunConfig, registry: Any) -> tuple[RunConfig, bool]:
@@ -68,6 +84,26 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
+def _regen_info(
+    task: Any,
+    store: RunStore,
+    queries: Any,
+    labels: list[str],
+    nq: int,
+    out: Path,
+    generation: tuple[int, int],
+) -> dict[str, Any]:
+    """Save the grid images (``counterfactual/regenerated.npy``) and describe them for info.json."""
+    grid = R.regenerated_images(task, store, queries, labels, nq)
+    if grid is not None:
+        atomic_save_npy(out / "counterfactual" / "regenerated.npy", grid[0])
+    return {
+        "regenerate": True,
+        "regenerate_generation": {"count": generation[0], "seed": generation[1]},
+        "regenerated_columns": grid[1] if grid is not None else None,
+    }
+
+
 def counterfactual(
     config: str | Path | dict[str, Any] | RunConfig,
     out: str | Path,
@@ -78,7 +114,12 @@ def counterfactual(
     """Score every method (resuming ``bench``/``attribute`` output in ``out``), then retrain.
 
     Returns:
-        The ``counterfactual.csv`` table (one row per method and query).
+        The ``counterfactual.csv`` table (one row per method and query; with ``regenerate``
+        also the :data:`REGEN_COLUMNS`).
+
+    Raises:
+        ConfigError: only oracle methods, or ``regenerate`` with queries that were not generated
+            (checked before any work).
     """
     from attribution_core.evaluation.bench import prepare
     from attribution_core.pipeline import attribute, resolve
@@ -86,7 +127,16 @@ def counterfactual(
     cfg = load_config(config, overrides)
     cf = cfg.evaluation.counterfactual or CounterfactualConfig()
     out = Path(out)
-    bound = prepare(cfg, out)[2] if cfg.evaluation.suite else cfg
+    suite, bound = None, cfg
+    if cfg.evaluation.suite:
+        suite, _, bound = prepare(cfg, out)
+    generation = None
+    if cf.regenerate:  # (count, seed) of the queries' generation, before any work
+        generation = (
+            R.generation_of(suite.meta["config"]["queries"], f"suite {str(suite.path)!r}")
+            if suite is not None
+            else R.generation_of(cfg.queries.model_dump(), "the config")
+        )
     resolved = resolve(bound)
     # oracle scorers (exact retraining) have no per-example ranking to remove from: skipped
     skipped = [
@@ -109,6 +159,9 @@ def counterfactual(
     nq = min(cf.queries, next(iter(result.scores.values())).shape[1])
     k_remove = max(1, int(np.floor(cf.remove_fraction * n)))
     queries = index_batch(result.queries, slice(0, nq))
+    base_distance = (
+        R.check_base(result.task, result.model, queries, *generation) if generation else None
+    )
     qpath = out / "counterfactual" / "queries"
     save_query_batch(qpath, queries)
     target = as_measurement(cfg.target)
@@ -138,20 +191,28 @@ def counterfactual(
         for q in range(nq)
         for k, s in enumerate(seeds)
     ]
-    store = RunStore(out / "counterfactual" / "runs", (1, 2, nq))
+    # regenerate: one more row per run file (pixel distances), so toggling it retrains
+    store = RunStore(out / "counterfactual" / "runs", (1 + bool(generation), 2, nq))
     dump = train_cfg.model_dump(mode="json")
 
     def make_job(group: tuple[Run, ...]) -> Job:
         return Job(
-            dump, (target.model_dump(),), str(qpath.resolve()), group, 0.0, cfg.seed, cfg.threads
+            dump,
+            (target.model_dump(),),
+            str(qpath.resolve()),
+            group,
+            0.0,
+            cfg.seed,
+            cfg.threads,
+            generation,
         )
 
     executor = make_executor(cfg, resolved.registry)
     batch = cfg.evaluation.lds.batch if cfg.evaluation.lds else 8
     res = execute(runs, store, make_job, executor, batch, desc="counterfactual", progress=progress)
 
-    def values(prefix: str, q: int) -> np.ndarray:
-        return np.array([res[f"{prefix}-seed{k}"][0, 0, q] for k in range(cf.seeds)])
+    def values(prefix: str, q: int, row: int = 0) -> np.ndarray:
+        return np.array([res[f"{prefix}-seed{k}"][row, 0, q] for k in range(cf.seeds)])
 
     full = np.stack([res[f"full-seed{k}"][0, 0] for k in range(cf.seeds)])  # (S, nq)
     rows = []
@@ -175,8 +236,16 @@ def counterfactual(
                     "n_seeds": cf.seeds,
                 }
             )
-    table = pd.DataFrame(rows, columns=CF_COLUMNS)
+            if generation:  # pixel distances: row 1 of every run file
+                dists = [values(p, q, 1) for p in (f"{m.label}-q{q}", f"random-q{q}", "full")]
+                for name, d in zip(("top", "random", "full"), dists, strict=True):
+                    rows[-1][f"regen_{name}_mean"], rows[-1][f"regen_{name}_stderr"] = _mean_se(d)
+    table = pd.DataFrame(rows, columns=CF_COLUMNS + (REGEN_COLUMNS if generation else []))
     table.to_csv(out / "counterfactual.csv", index=False)
+    regen: dict[str, Any] = {"regenerate": False}
+    if generation is not None and base_distance is not None:
+        regen = _regen_info(result.task, store, queries, list(top), nq, out, generation)
+        regen["regenerate_base_distance"] = base_distance.tolist()
     atomic_write_json(
         out / "counterfactual" / "info.json",
         {
@@ -188,6 +257,7 @@ def counterfactual(
             "scale_steps_switched_off": switched,
             "target": tid,
             "skipped_oracle_methods": skipped,
+            **regen,
         },
     )
     if (out / "bench.json").is_file():

@@ -6,6 +6,12 @@ job); every finished run is stored as one atomically written file
 ``runs/<run-id>.npy: (n_targets, 2, n_query)`` float64 — row 0 the target values, row 1 their
 Monte-Carlo standard errors.  A file exists only once complete (temp file + fsync + rename), so
 a killed build resumes by retraining exactly the runs whose files are missing.
+
+With ``Job.regenerate`` (counterfactual option ``regenerate``) each run file has one more row,
+``(n_targets + 1, 2, n_query)``: the last holds the pixel distance of the query regenerated from
+the same noise (:mod:`attribution_core.evaluation.regenerate`) and zeros (it is exact); the
+regenerated ``x`` goes to ``runs/<run-id>.samples.npy``, written before the run file, so a
+finished run always has it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class Job:
         removed_weight: weight of removed examples (0 = removal, 0.5 = down-weighting).
         noise_seed: seed of the common random numbers of every target.
         threads: torch intra-op threads inside the job (pinned for repeatability).
+        regenerate: ``(count, seed)`` of the queries' generation: also regenerate them from the
+            same noise with every retrained model and store the pixel distance (None = off).
     """
 
     config: dict[str, Any]
@@ -54,6 +62,7 @@ class Job:
     removed_weight: float
     noise_seed: int
     threads: int
+    regenerate: tuple[int, int] | None = None
 
 
 _TASKS: dict[str, Task] = {}
@@ -152,11 +161,12 @@ def _task(config: dict[str, Any]) -> tuple[Task, Any]:
     return _TASKS[key], registry
 
 
-def run_job(job: Job) -> dict[str, np.ndarray]:
+def run_job(job: Job) -> dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """Train every run of ``job`` with one ``train_ensemble`` call and measure every target.
 
     Returns:
-        ``run_id -> (n_targets, 2, Q)`` float64 (values and Monte-Carlo standard errors).
+        ``run_id -> (n_targets, 2, Q)`` float64 (values and Monte-Carlo standard errors); with
+        ``job.regenerate``: ``run_id -> ((n_targets + 1, 2, Q), x_regen: (Q, ...))``.
     """
     from attribution_core.pipeline import build_measurement
 
@@ -172,10 +182,19 @@ def run_job(job: Job) -> dict[str, np.ndarray]:
         build_measurement(registry, task, MeasurementConfig.model_validate(t), "target")
         for t in job.targets
     ]
-    out = {}
+    out: dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]] = {}
     for run, model in zip(job.runs, models, strict=True):
         model.eval()
-        out[run.run_id] = np.stack([measure(model, t, queries, job.noise_seed) for t in targets])
+        values = np.stack([measure(model, t, queries, job.noise_seed) for t in targets])
+        if job.regenerate is None:
+            out[run.run_id] = values
+            continue
+        from attribution_core.evaluation.regenerate import pixel_distance, regenerate
+
+        x = regenerate(task, model, n_queries(queries), *job.regenerate)
+        dist = pixel_distance(x, queries["x"])
+        row = np.stack([dist, np.zeros_like(dist)])[None]
+        out[run.run_id] = (np.concatenate([values, row]), x.cpu().numpy())
     return out
 
 
@@ -204,10 +223,22 @@ class RunStore:
             return None
         return arr if arr.shape == self.shape else None
 
-    def save(self, run_id: str, result: np.ndarray) -> None:
-        """Atomically write a finished run (never overwrites a finished file)."""
+    def save(self, run_id: str, result: np.ndarray, samples: np.ndarray | None = None) -> None:
+        """Atomically write a finished run (never overwrites a finished file); ``samples``
+        (regenerated queries) are written first, so a finished run always has them."""
         if self.load(run_id) is None:
+            if samples is not None:
+                atomic_save_npy(self.samples_path(run_id), samples)
             atomic_save_npy(self.path(run_id), result)
+
+    def samples_path(self, run_id: str) -> Path:
+        """Regenerated queries of ``run_id`` (``Job.regenerate``)."""
+        return self.directory / f"{run_id}.samples.npy"
+
+    def load_samples(self, run_id: str) -> np.ndarray | None:
+        """The regenerated queries ``(Q, ...)`` of a finished run, or None."""
+        p = self.samples_path(run_id)
+        return np.load(p) if p.is_file() and self.load(run_id) is not None else None
 
 
 def execute(
@@ -231,7 +262,8 @@ def execute(
     jobs = [make_job(g) for g in todo]
     for _, result in executor.map(run_job, jobs, desc=desc, progress=progress):
         for run_id, arr in result.items():
-            store.save(run_id, arr)
+            values, samples = arr if isinstance(arr, tuple) else (arr, None)
+            store.save(run_id, values, samples)
     out = {}
     for r in runs:
         arr = store.load(r.run_id)

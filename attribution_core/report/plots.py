@@ -129,3 +129,30 @@ def image_grid(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def regenerated_grid(images: np.ndarray, columns: list[str], path: Path) -> Path:
+    """Rows: a query; columns: the original and its regenerations from the same noise.
+
+    Args:
+        images: ``(Q, len(columns), C, H, W)`` in [0, 1] (``counterfactual/regenerated.npy``).
+        columns: column names (query, full data, one per method, random).
+    """
+    nq, cols = images.shape[:2]
+    fig, axes = plt.subplots(nq, cols, figsize=(0.9 * cols + 0.4, 0.95 * nq + 0.5), squeeze=False)
+    for q in range(nq):
+        for c in range(cols):
+            img, ax = np.clip(images[q, c], 0, 1), axes[q][c]
+            ax.imshow(
+                img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if q == 0:
+                ax.set_title(columns[c], fontsize=6)
+        axes[q][0].set_ylabel(f"query {q}", fontsize=6)
+    fig.suptitle("Query | regenerated from the same noise after retraining (seed 0)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

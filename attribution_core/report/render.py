@@ -64,6 +64,23 @@ def _figures(out: Path, meta: dict[str, Any], table: pd.DataFrame) -> list[tuple
                     plots.image_grid(queries, train, s, label, fig_dir / f"grid_{label}.png"),
                 )
             )
+    info_path, regen_path = (
+        out / "counterfactual" / "info.json",
+        out / "counterfactual" / "regenerated.npy",
+    )
+    if (out / "counterfactual.csv").is_file() and info_path.is_file() and regen_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("regenerate") and info.get("regenerated_columns"):
+            figs.append(
+                (
+                    "Counterfactual: queries regenerated from the same noise",
+                    plots.regenerated_grid(
+                        np.load(regen_path),
+                        info["regenerated_columns"],
+                        fig_dir / "counterfactual_regenerated.png",
+                    ),
+                )
+            )
     return figs
 
 
@@ -132,7 +149,13 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     if cf_df is not None:
         sections.append(
             (
-                "Retraining without top influences (change of the target; larger = better)",
+                "Retraining without top influences (change of the target; larger = better"
+                + (
+                    "; pixels_*: ‖x_regen − x_query‖₂ of the query regenerated from the same "
+                    "noise, pixels_full = seed-noise baseline)"
+                    if "pixels_top" in cf_df.columns
+                    else ")"
+                ),
                 tables.to_markdown(cf_df),
                 tables.to_html(cf_df),
             )

@@ -113,12 +113,19 @@ def pairwise_table(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def counterfactual_summary(cf: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean over queries of the target change after removing its top examples."""
+    """Per method: mean over queries of the target change after removing its top examples;
+    with ``regenerate`` also the mean pixel distance of the regenerated query (``pixels_top``,
+    ``pixels_random``, ``pixels_full``: ‖x_regen − x_query‖₂ after top / random removal and for
+    the full-data models, the seed-noise baseline)."""
     g = cf.groupby(["label", "method"], sort=False)
-    return g.agg(
-        queries=("query", "nunique"),
-        removed=("removed", "first"),
-        change_top=("change_mean", "mean"),
-        change_random=("random_mean", "mean"),
-        top_minus_random=("top_minus_random", "mean"),
-    ).reset_index()
+    agg = {
+        "queries": ("query", "nunique"),
+        "removed": ("removed", "first"),
+        "change_top": ("change_mean", "mean"),
+        "change_random": ("random_mean", "mean"),
+        "top_minus_random": ("top_minus_random", "mean"),
+    }
+    if "regen_top_mean" in cf.columns:
+        for name in ("top", "random", "full"):
+            agg[f"pixels_{name}"] = (f"regen_{name}_mean", "mean")
+    return g.agg(**agg).reset_index()
