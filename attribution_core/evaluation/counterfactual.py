@@ -18,6 +18,8 @@ mean ± s.e. over seeds) for each; the full-data distance is the seed-noise base
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,12 @@ def _same_steps(cfg: RunConfig, registry: Any) -> tuple[RunConfig, bool]:
     return cfg, False
 
 
+def _file_id(run: Run, context: list[Any]) -> str:
+    """``<name>-<digest>``: the run's name plus a digest of what defines its result."""
+    key = json.dumps([context, list(run.removed), run.seed], sort_keys=True, default=str)
+    return f"{run.run_id}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
@@ -92,9 +100,10 @@ def _regen_info(
     nq: int,
     out: Path,
     generation: tuple[int, int],
+    file_of: dict[str, str],
 ) -> dict[str, Any]:
     """Save the grid images (``counterfactual/regenerated.npy``) and describe them for info.json."""
-    grid = R.regenerated_images(task, store, queries, labels, nq)
+    grid = R.regenerated_images(task, store, queries, labels, nq, file_of)
     if grid is not None:
         atomic_save_npy(out / "counterfactual" / "regenerated.npy", grid[0])
     return {
@@ -194,6 +203,19 @@ def counterfactual(
     # regenerate: one more row per run file (pixel distances), so toggling it retrains
     store = RunStore(out / "counterfactual" / "runs", (1 + bool(generation), 2, nq))
     dump = train_cfg.model_dump(mode="json")
+    # a run's file name carries a digest of everything that defines it (removed set, seed,
+    # training config, target, regeneration), so a re-run with other settings or rescored
+    # methods trains new files instead of silently reusing stale ones
+    defining = [
+        dump["task"],
+        dump["dtype"],
+        dump["device"],
+        cfg.seed,
+        target.model_dump(),
+        generation,
+    ]
+    file_of = {r.run_id: _file_id(r, defining) for r in runs}
+    runs = [Run(file_of[r.run_id], r.removed, r.seed) for r in runs]
 
     def make_job(group: tuple[Run, ...]) -> Job:
         return Job(
@@ -209,7 +231,10 @@ def counterfactual(
 
     executor = make_executor(cfg, resolved.registry)
     batch = cfg.evaluation.lds.batch if cfg.evaluation.lds else 8
-    res = execute(runs, store, make_job, executor, batch, desc="counterfactual", progress=progress)
+    stored = execute(
+        runs, store, make_job, executor, batch, desc="counterfactual", progress=progress
+    )
+    res = {name: stored[fid] for name, fid in file_of.items()}
 
     def values(prefix: str, q: int, row: int = 0) -> np.ndarray:
         return np.array([res[f"{prefix}-seed{k}"][row, 0, q] for k in range(cf.seeds)])
@@ -244,7 +269,7 @@ def counterfactual(
     table.to_csv(out / "counterfactual.csv", index=False)
     regen: dict[str, Any] = {"regenerate": False}
     if generation is not None and base_distance is not None:
-        regen = _regen_info(result.task, store, queries, list(top), nq, out, generation)
+        regen = _regen_info(result.task, store, queries, list(top), nq, out, generation, file_of)
         regen["regenerate_base_distance"] = base_distance.tolist()
     atomic_write_json(
         out / "counterfactual" / "info.json",

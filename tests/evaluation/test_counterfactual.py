@@ -74,3 +74,30 @@ def test_oracle_methods_are_skipped(lin_suite, tmp_path) -> None:
     data["methods"] = ["grad-dot", "exact-retraining"]
     table = counterfactual(data, tmp_path / "cf")
     assert list(table["label"]) == ["grad-dot"]
+
+
+def test_rerun_with_other_settings_never_reuses_stale_runs(lin_suite, tmp_path) -> None:
+    """Same --out, other remove_fraction: new runs are trained, the table matches a fresh dir."""
+    from attribution_core.evaluation.counterfactual import counterfactual
+
+    suite, cfg = lin_suite
+    data = json.loads(json.dumps(cfg))
+    data["evaluation"] = {
+        "suite": str(suite),
+        "counterfactual": {"remove_fraction": 0.1, "seeds": 1, "queries": 1},
+    }
+    first = counterfactual(data, tmp_path / "cf")
+    runs = tmp_path / "cf" / "counterfactual" / "runs"
+    before = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
+    again = counterfactual(data, tmp_path / "cf")  # same settings: everything reused
+    assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == before
+    pd.testing.assert_frame_equal(first, again)
+
+    data["evaluation"]["counterfactual"]["remove_fraction"] = 0.3
+    reused = counterfactual(data, tmp_path / "cf")
+    fresh = counterfactual(data, tmp_path / "fresh")
+    assert (reused["removed"] == 12).all()
+    pd.testing.assert_frame_equal(reused, fresh)
+    # the full-data runs do not depend on remove_fraction and are reused, not retrained
+    full = [n for n in before if n.startswith("full-seed0-")]
+    assert len(full) == 1 and (runs / full[0]).stat().st_mtime_ns == before[full[0]]

@@ -86,13 +86,20 @@ def test_base_model_regenerates_the_query_exactly(regen_run) -> None:
 
     # inside the executor job: the full-data run of seed TRUTH_SEED is the base model retrained
     # by train_ensemble; it regenerates the queries to float64 round-off, the other seed does not
-    full0 = np.load(out / "counterfactual" / "runs" / "full-seed0.npy")
-    full1 = np.load(out / "counterfactual" / "runs" / "full-seed1.npy")
+    full0 = np.load(_run_file(out, "full-seed0"))
+    full1 = np.load(_run_file(out, "full-seed1"))
     assert full0.shape == (2, 2, 2)  # (target + pixel distance, value/stderr, query)
     np.testing.assert_allclose(full0[1, 0], 0.0, atol=1e-10)
     assert full1[1, 0].min() > 1e-3 and (full1[1, 1] == 0).all()
-    samples0 = np.load(out / "counterfactual" / "runs" / "full-seed0.samples.npy")
+    samples0 = np.load(_run_file(out, "full-seed0", ".samples.npy"))
     np.testing.assert_allclose(samples0, stored, atol=1e-10)
+
+
+def _run_file(out, name: str, suffix: str = ".npy"):
+    """The stored file of run ``name`` (file names carry a digest of the run's settings)."""
+    runs = out / "counterfactual" / "runs"
+    (path,) = [p for p in runs.glob(f"{name}-*{suffix}") if p.name.count(".") == suffix.count(".")]
+    return path
 
 
 def test_regenerate_writes_finite_distance_columns(regen_run) -> None:
@@ -105,7 +112,7 @@ def test_regenerate_writes_finite_distance_columns(regen_run) -> None:
     # top/random removal changes the model: its regenerated query moves
     assert (csv["regen_top_mean"] > 0).all() and (csv["regen_random_mean"] > 0).all()
     # full-data mean over seeds = (0 for the base seed + seed 1's distance) / 2
-    full1 = np.load(out / "counterfactual" / "runs" / "full-seed1.npy")[1, 0]
+    full1 = np.load(_run_file(out, "full-seed1"))[1, 0]
     np.testing.assert_allclose(csv["regen_full_mean"], full1 / 2, atol=1e-10)
     grid = np.load(out / "counterfactual" / "regenerated.npy")
     assert grid.shape == (2, 4, 1, 8, 8) and grid.min() >= 0 and grid.max() <= 1
