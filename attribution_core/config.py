@@ -157,8 +157,23 @@ class RunConfig(StrictModel):
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "float64"] = Field("float32", description="Model and gradient dtype.")
+    precision: Literal["float32", "tf32", "bf16"] = Field(
+        "float32",
+        description="tf32: TF32 in CUDA matmuls/convolutions during each method (no-op on "
+        "CPU); bf16: per-example and query gradients under bfloat16 autocast, gradients and "
+        "scores kept float32. Needs dtype float32. Recorded in each manifest.",
+    )
     chunk_size: int = Field(64, ge=1, description="Training examples per gradient chunk.")
     cache_dir: str | None = Field(None, description="Cache for gradients and curvature factors.")
+
+    @model_validator(mode="after")
+    def _precision_needs_float32(self) -> RunConfig:
+        if self.precision != "float32" and self.dtype != "float32":
+            raise ValueError(
+                f"precision {self.precision!r} lowers float32 arithmetic; it needs dtype "
+                f"float32 (got {self.dtype!r}): set precision: float32 or dtype: float32"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> RunConfig:

@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from attribution_core.errors import NumericalError
 from attribution_core.interfaces import Batch, Measurement, batch_size, index_batch
+from attribution_core.precision import gradient_autocast, gradient_precision
 from attribution_core.progress import progress_bar
 from attribution_core.storage import atomic_save_npy
 
@@ -91,6 +92,8 @@ def per_example_gradients(
 
     Monte-Carlo measurements are averaged over their draws before differentiation (the
     draw-averaged gradient). Uses ``vmap(grad(functional_call))``; the model must be in eval mode.
+    Inside a ``precision: bf16`` run the forward and backward run under bfloat16 autocast
+    (:mod:`attribution_core.precision`); ``G`` keeps the parameters' dtype.
     """
     fixed = {k: v.detach() for k, v in model.named_parameters() if k not in params}
     fixed.update(dict(model.named_buffers()))
@@ -106,9 +109,19 @@ def per_example_gradients(
         nz1 = {k: v.unsqueeze(0) for k, v in nz.items()}
         return measurement.evaluate(forward, ex1, nz1)[0]
 
-    grads = vmap(grad(single), in_dims=(None, 0, 0))(detached, batch, noise)
+    with gradient_autocast():
+        grads = vmap(grad(single), in_dims=(None, 0, 0))(detached, batch, noise)
     n = batch_size(batch)
-    return torch.cat([grads[k].reshape(n, -1) for k in params], dim=1)
+    first = grads[next(iter(params))]
+    G = torch.empty(
+        n, sum(p.numel() for p in params.values()), dtype=first.dtype, device=first.device
+    )
+    offset = 0
+    for k in params:  # pop while copying: one chunk plus one tensor's gradients, not two chunks
+        g = grads.pop(k).reshape(n, -1)
+        G[:, offset : offset + g.shape[1]] = g
+        offset += g.shape[1]
+    return G
 
 
 def check_finite(G: Tensor, rows: slice, layout: list[tuple[str, int]], what: str) -> None:
@@ -157,6 +170,7 @@ def iter_gradients(
             check_finite(G, rows, layout, desc)
             bar.advance(rows.stop - rows.start)
             yield rows, G
+            del G  # not alive while the next chunk is computed (one chunk in memory)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -241,7 +255,7 @@ class GradientCache:
                 def write(block: np.ndarray) -> None:
                     nonlocal written
                     block = np.ascontiguousarray(block, dtype=dtype)
-                    fh.write(block.tobytes())
+                    fh.write(memoryview(block).cast("B"))  # no bytes copy of the chunk
                     written += block.shape[0]
 
                 yield write
@@ -290,6 +304,7 @@ def gradient_chunks(
             desc=desc,
         ):
             yield rows, (transform(G) if transform else G)
+            del G
         return
     parts = {
         "model": model_fingerprint(model),
@@ -301,6 +316,8 @@ def gradient_chunks(
         "data": _data_fingerprint(data),
         "transform": transform_key,
     }
+    if (precision := gradient_precision()) is not None:
+        parts["precision"] = precision  # float32 keys unchanged; bf16 never shares a file
     key = cache_key(**parts)
     cached = cache.load(key, parts)
     if cached is None:
@@ -321,14 +338,17 @@ def gradient_chunks(
         if first is None:
             return
         rows, G = first
+        del first  # the first chunk must not stay alive for the whole pass
         shape = (batch_size(data), G.shape[1])
         dtype = np.dtype(str(G.dtype).removeprefix("torch."))
         with cache.writer(key, parts, shape, dtype) as write:
             write(G.detach().cpu().numpy())
             yield rows, G
+            del G
             for rows, G in chunks:
                 write(G.detach().cpu().numpy())
                 yield rows, G
+                del G
         return
     device = next(iter(params.values())).device
     n = cached.shape[0]
@@ -346,6 +366,23 @@ def _data_fingerprint(data: Batch) -> str:
     return h.hexdigest()[:20]
 
 
-def stack_gradients(chunks: Iterator[tuple[slice, Tensor]]) -> Tensor:
-    """Concatenate all chunks into one ``(n, p)`` tensor (small problems and queries)."""
-    return torch.cat([G for _, G in chunks], dim=0)
+def stack_gradients(chunks: Iterator[tuple[slice, Tensor]], n: int | None = None) -> Tensor:
+    """All chunks as one ``(n, p)`` tensor (small problems and queries).
+
+    With ``n`` (the number of rows) each chunk is copied into one preallocated tensor as it
+    comes, so the result and one chunk are in memory; without, the chunks are concatenated
+    at the end (every chunk and the result: twice the matrix).
+    """
+    if n is None:
+        return torch.cat([G for _, G in chunks], dim=0)
+    out: Tensor | None = None
+    filled = 0
+    for rows, G in chunks:
+        if out is None:
+            out = torch.empty(n, G.shape[1], dtype=G.dtype, device=G.device)
+        out[rows] = G
+        filled += rows.stop - rows.start
+        del G
+    if out is None or filled != n:
+        raise ValueError(f"stack_gradients: expected {n} rows, got {filled}")
+    return out

@@ -29,6 +29,7 @@ from attribution_core.errors import ConfigError, DataError
 from attribution_core.gradients import cache_key, model_fingerprint
 from attribution_core.interfaces import Batch, Measurement, ScoringContext, Task, batch_size
 from attribution_core.methods import ResolvedMethod, resolve_method
+from attribution_core.precision import run_precision
 from attribution_core.registry import Registry, get_registry
 from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
 
@@ -289,6 +290,8 @@ def attribute(
             "queries": cfg.queries.model_dump(),
             "dtype": cfg.dtype,
         }
+        if cfg.precision != "float32":  # float32 identities (and finished outputs) unchanged
+            identity["precision"] = cfg.precision
         if out_dir is not None and (done := _finished(out_dir / method.label, identity)):
             scores[method.label], manifests[method.label] = done
             continue
@@ -302,7 +305,8 @@ def attribute(
             executor=executor,
         )
         t0 = time.perf_counter()
-        s = scorer.scores(task, model, queries, context)
+        with run_precision(cfg.precision, task.device) as precision:
+            s = scorer.scores(task, model, queries, context)
         context.timings["total"] = time.perf_counter() - t0
         arr = s.detach().cpu().numpy()
         if cfg.dtype == "float32":
@@ -319,6 +323,7 @@ def attribute(
             },
             "threads": torch.get_num_threads(),
             "device": str(task.device),
+            "precision": precision,
             "shape": list(arr.shape),
             "sign": "positive = removing the training example raises the target on the query",
             "timings": {**timings, **context.timings},

@@ -27,7 +27,14 @@ from attribution_core.gradients import (
     select_parameters,
     stack_gradients,
 )
-from attribution_core.interfaces import Batch, GradientCompressor, Scorer, ScoringContext, Task
+from attribution_core.interfaces import (
+    Batch,
+    GradientCompressor,
+    Scorer,
+    ScoringContext,
+    Task,
+    batch_size,
+)
 from attribution_core.methods import ResolvedMethod
 
 
@@ -134,19 +141,22 @@ class InfluenceScorer(_GradientScorer):
                 stream="query",
                 chunk_size=context.chunk_size,
                 desc="query gradients",
-            )
+            ),
+            n=batch_size(queries),
         )
         Q = (
             curvature.solve(compressor.compress(Gq))
             if compressed
             else compressor.compress(curvature.solve(Gq))
         )
+        del Gq  # only Q stays in memory during the training pass
         context.timings["query_gradients"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         out = torch.empty(task.n_train, Q.shape[0], dtype=Q.dtype, device=Q.device)
         for rows, T in train_source(True, "train gradients + scores"):
             out[rows] = T.to(Q.dtype) @ Q.T
+            del T  # one training-gradient chunk alive at a time
         context.timings["train_gradients_and_scores"] = time.perf_counter() - t0
         return out
 
@@ -173,7 +183,8 @@ class GradientSimilarityScorer(_GradientScorer):
                     seed=seed,
                     stream="query",
                     chunk_size=context.chunk_size,
-                )
+                ),
+                n=batch_size(queries),
             )
         )
         Q = Q / Q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(Q.dtype).tiny)
@@ -196,5 +207,6 @@ class GradientSimilarityScorer(_GradientScorer):
         ):
             T = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
             out[rows] = T.to(Q.dtype) @ Q.T
+            del T
         context.timings["train_gradients_and_scores"] = time.perf_counter() - t0
         return out
