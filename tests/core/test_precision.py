@@ -4,7 +4,8 @@ Tolerances for bf16 (stated here, measured on this tiny conv net, seeds fixed):
 
 * bfloat16 keeps 8 significant bits (unit roundoff u = 2⁻⁸ ≈ 3.9e-3). Rounding the inputs and
   outputs of every conv/linear in the forward and backward pass gives per-example gradients
-  with a relative error of ~1 % (a few u, accumulated over layers; 1.7 % on the digits U-Net).
+  with a relative error of ~1 % (a few u, accumulated over layers; on the digits U-Net
+  1.7 % untrained, 5.3 % trained — benchmarks/results/perf.md).
 * grad-dot: a score is g_jᵀ g_q, so its error is ~1 % of |g_j||g_q| — small next to the spread
   of scores over training examples; only near-ties swap ranks. Measured per-query Spearman
   0.9978–0.9999 → asserted mean ≥ 0.99, min ≥ 0.98.
