@@ -1,4 +1,4 @@
-"""Hessians ``kfac`` and ``ekfac``: curvlinops fits the factors, we solve with exact damping.
+"""Hessians ``kfac`` and ``ekfac``: factors in curvlinops' conventions, solved with exact damping.
 
 Units: curvlinops' (E)K-FAC of ``Σ_rows loss_function(f(x), y)`` (reduction ``sum``) is
 multiplied by the task's ``scale`` so that ``H`` approximates the GGN of ``L_D``; the task's
@@ -10,6 +10,13 @@ Data passes (one fit):
   ``(t, ε)`` draw the task puts in a pass (``n_samples``) is handled in that pass.
 * EK-FAC: the same pass for the factors, then one more pass (``batches(1)``, fresh noise)
   for the eigenvalue correction.
+
+Back-ends (``backend`` option): ``hooks`` (default) runs those passes with our own hooks
+(:mod:`attribution_kfac.factors`: no weight gradients, Toeplitz conv covariances), producing
+curvlinops' factors to float round-off; ``curvlinops`` uses ``KFACLinearOperator`` /
+``EKFACLinearOperator`` themselves (:mod:`attribution_kfac.backends`). A problem the hooks do
+not support (grouped convs, other losses) falls back to curvlinops; the back-end used is
+recorded in the curvature's info (hence the manifest) and is part of the factor cache key.
 """
 
 from __future__ import annotations
@@ -30,12 +37,19 @@ from attribution_core.interfaces import (
     Measurement,
     Task,
 )
+from attribution_kfac.backends import (
+    check_finite,
+    eigenvalue_correction,
+    fit_layers,
+    kronecker_factors,
+    resolve_backend,
+)
 from attribution_kfac.cache import FactorCache
 from attribution_kfac.curvature import Block, KroneckerCurvature, kronecker_trace
+from attribution_kfac.factors import Layer
 from attribution_kfac.problem import (
     Passes,
     check_params,
-    curvlinops,
     get_problem,
     layer_blocks,
     log,
@@ -48,20 +62,6 @@ _CACHE_VERSION = 1
 def _mc_seed(seed: int) -> int:
     """Seed of curvlinops' pseudo-target generator, derived from the method seed."""
     return (int(seed) * 2_654_435_761 + 97) % (2**31 - 1)
-
-
-def _check_finite(named: list[tuple[str, str, Tensor | None]]) -> None:
-    """Raise NumericalError listing every ``(layer, factor)`` with NaN/Inf entries."""
-    bad = [
-        f"{label!r} ({what}: {int((~torch.isfinite(t)).sum())} entries)"
-        for label, what, t in named
-        if t is not None and not bool(torch.isfinite(t).all())
-    ]
-    if bad:
-        raise NumericalError(
-            f"non-finite (NaN/Inf) K-FAC factors in layer {', '.join(bad)}; check the model "
-            f"weights and training data for NaN/Inf (e.g. a diverged training run)"
-        )
 
 
 def _eigh64(M: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,6 +88,7 @@ class KFACHessian(HessianApproximation):
         separate_weight_and_bias: bool = True,
         damping_kind: str = "exact",
         cache: bool = True,
+        backend: str = "hooks",
     ) -> None:
         self.damping = damping
         self.damping_mode = damping_mode
@@ -98,6 +99,7 @@ class KFACHessian(HessianApproximation):
         self.separate_weight_and_bias = separate_weight_and_bias
         self.damping_kind = damping_kind
         self.cache = cache
+        self.backend = backend
 
     # ---- fit -----------------------------------------------------------------------------
     def fit(
@@ -124,14 +126,16 @@ class KFACHessian(HessianApproximation):
         problem = get_problem(model, task, seed, n_samples, self.name)
         plist, excluded = problem_parameters(problem, params, self.name)
         blocks = layer_blocks(problem, params, not self.separate_weight_and_bias, self.name)
+        layers = fit_layers(problem, blocks)
+        backend = resolve_backend(self.backend, layers, problem, self.name)
         device = plist[0].device
-        parts = self._key_parts(model, task, seed, params, problem, n_samples)
+        parts = self._key_parts(model, task, seed, params, problem, n_samples, backend)
         store = FactorCache(cache_dir) if (cache_dir is not None and self.cache) else None
         t0 = time.perf_counter()
         factors = store.load(parts, device) if store is not None else None
         cached = factors is not None
         if factors is None:
-            factors = self._compute(problem, plist, blocks, seed, progress)
+            factors = self._compute(problem, plist, blocks, layers, backend, seed, progress)
             if store is not None:
                 store.save(parts, factors)
         fit_seconds = time.perf_counter() - t0
@@ -153,6 +157,7 @@ class KFACHessian(HessianApproximation):
             "from_cache": cached,
             "fit_seconds": fit_seconds,
             "data_passes": 0 if cached else (2 if self.ekfac else 1),
+            "backend": backend,  # the one that fitted the factors (a cache key part)
         }
         return KroneckerCurvature(
             blocks,
@@ -173,8 +178,13 @@ class KFACHessian(HessianApproximation):
         params: Mapping[str, Tensor],
         problem: CurvatureProblem,
         n_samples: int,
+        backend: str,
     ) -> dict[str, Any]:
-        """Everything the factors depend on (damping is applied at solve time, not cached)."""
+        """Everything the factors depend on (damping is applied at solve time, not cached).
+
+        ``backend`` is the resolved one: the two agree to round-off, not bit for bit, so a
+        factor fitted by one is never read back by the other.
+        """
         return {
             "version": _CACHE_VERSION,
             "hessian": self.name,
@@ -190,114 +200,43 @@ class KFACHessian(HessianApproximation):
             "loss": type(problem.loss_function).__name__,
             "n_rows": problem.n_rows,
             "dtype": str(next(iter(params.values())).dtype),
+            "backend": backend,
         }
-
-    def _operator(
-        self,
-        problem: CurvatureProblem,
-        plist: list[Tensor],
-        data: Passes,
-        seed: int,
-        progress: bool,
-    ):
-        cl = curvlinops()
-        cls = cl.EKFACLinearOperator if self.ekfac else cl.KFACLinearOperator
-        return cls(
-            problem.model,
-            problem.loss_function,
-            plist,
-            data,
-            progressbar=progress,
-            check_deterministic=False,
-            seed=_mc_seed(seed),
-            fisher_type=self.fisher,
-            mc_samples=self.mc_samples,
-            kfac_approx=self.approx,
-            num_per_example_loss_terms=1,
-            separate_weight_and_bias=self.separate_weight_and_bias,
-            num_data=problem.n_rows or None,
-            batch_size_fn=problem.batch_size_fn,
-        )
 
     def _compute(
         self,
         problem: CurvatureProblem,
         plist: list[Tensor],
         blocks: list[Block],
+        layers: list[Layer],
+        backend: str,
         seed: int,
         progress: bool,
     ) -> dict[str, Tensor]:
-        """One (K-FAC) or two (EK-FAC) curvlinops data passes → float64 eigen-factors."""
+        """One (K-FAC) or two (EK-FAC) data passes with ``backend`` → float64 eigen-factors."""
         data = Passes(problem.batches)
-        op = self._operator(problem, plist, data, seed, progress)
-        data.pass_index = 0
-        op.compute_kronecker_factors()  # once per fresh operator (a second call would add)
-        out: dict[str, Tensor] = {}
+        A, G, runner = kronecker_factors(
+            self, backend, problem, plist, layers, data, _mc_seed(seed), progress
+        )
         named = []
         for block in blocks:
-            named.append(
-                (block.label, "input covariance A", op._input_covariances.get(block.layer))
-            )
-            named.append(
-                (block.label, "gradient covariance G", op._gradient_covariances[block.layer])
-            )
-        _check_finite(named)
+            named.append((block.label, "input covariance A", A.get(block.layer)))
+            named.append((block.label, "gradient covariance G", G[block.layer]))
+        check_finite(named)
+        out: dict[str, Tensor] = {}
         for block in blocks:
-            A = op._input_covariances.get(block.layer)
-            G = op._gradient_covariances[block.layer]
-            lam_g, QG = _eigh64(G)
+            lam_g, QG = _eigh64(G[block.layer])
             out[f"{block.layer}|QG"], out[f"{block.layer}|lam_g"] = QG, lam_g
-            if A is not None:
-                lam_a, QA = _eigh64(A)
+            if block.layer in A:
+                lam_a, QA = _eigh64(A[block.layer])
                 out[f"{block.layer}|QA"], out[f"{block.layer}|lam_a"] = QA, lam_a
                 out[f"{block.layer}|E"] = torch.outer(lam_g, lam_a)
             if block.bias is not None and not block.joint:
                 out[f"{block.layer}|E_bias"] = lam_g.clone()
         if self.ekfac:
-            self._correct(op, data, blocks, out, plist)
+            eigenvalue_correction(runner, data, blocks, out, plist)
         # contiguous: the same memory layout (hence the same bits downstream) as a cache read
         return {k: v.contiguous() for k, v in out.items()}
-
-    def _correct(
-        self,
-        op: Any,
-        data: Passes,
-        blocks: list[Block],
-        out: dict[str, Tensor],
-        plist: list[Tensor],
-    ) -> None:
-        """EK-FAC: corrected eigenvalues in our float64 eigenbases (pass 1, fresh noise)."""
-        dtype = plist[0].dtype
-        # curvlinops' eigenvalue correction rotates with the eigenvectors it finds in these
-        # dicts (it only computes them itself, in the model's dtype, when they are empty).
-        for block in blocks:
-            op._gradient_covariances.pop(block.layer, None)
-            op._input_covariances.pop(block.layer, None)
-            QG = out[f"{block.layer}|QG"].to(dtype)
-            op._gradient_covariances_eigenvectors[block.layer] = QG
-            out[f"{block.layer}|QG"] = QG.to(torch.float64)
-            if f"{block.layer}|QA" in out:
-                QA = out[f"{block.layer}|QA"].to(dtype)
-                op._input_covariances_eigenvectors[block.layer] = QA
-                out[f"{block.layer}|QA"] = QA.to(torch.float64)
-        data.pass_index = 1
-        op.compute_eigenvalue_correction()
-        position = {id(p): i for i, p in enumerate(plist)}
-        named = []
-        for block in blocks:
-            corrected = op._corrected_eigenvalues[block.layer]
-            mod = op._model_func.get_submodule(block.layer)
-            if isinstance(corrected, Tensor):
-                named.append((block.label, "EK-FAC eigenvalues", corrected))
-                out[f"{block.layer}|E"] = corrected.to(torch.float64)
-                continue
-            for pname, key in (("weight", "E"), ("bias", "E_bias")):
-                t = getattr(mod, pname, None)
-                if t is not None and id(t) in position and position[id(t)] in corrected:
-                    vals = corrected[position[id(t)]]
-                    named.append((block.label, f"EK-FAC eigenvalues of {pname}", vals))
-                    out[f"{block.layer}|{key}"] = vals.to(torch.float64)
-        _check_finite(named)
 
     @staticmethod
     def _check_shapes(blocks: list[Block], factors: dict[str, Tensor]) -> None:

@@ -46,6 +46,13 @@ class KFACOptions(_Damping):
         "(√s·A + √λ·I)⁻¹ ⊗ (√s·G + √λ·I)⁻¹ (K-FAC only).",
     )
     cache: bool = Field(True, description="Cache fitted factors under <cache_dir>/kfac/.")
+    backend: Literal["hooks", "curvlinops"] = Field(
+        "hooks",
+        description="Who runs the factor passes: hooks = our hooks (curvlinops' factors to float "
+        "round-off, no weight gradients, Toeplitz conv covariances; falls back to curvlinops for "
+        "unsupported layers/losses), curvlinops = KFACLinearOperator/EKFACLinearOperator. The "
+        "back-end used is recorded in the manifest and keys the factor cache.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> KFACOptions:

@@ -18,15 +18,16 @@ def attribution_register_components() -> list[Component]:
             "hessian",
             "kfac",
             KFACHessian,
-            "K-FAC of the GGN of L_D (curvlinops; mc/empirical/type-2/forward-only Fisher), "
-            "exact damping.",
+            "K-FAC of the GGN of L_D (mc/empirical/type-2/forward-only Fisher; hook back-end "
+            "or curvlinops), exact damping.",
             KFACOptions,
         ),
         Component(
             "hessian",
             "ekfac",
             EKFACHessian,
-            "EK-FAC: K-FAC eigenbasis with corrected eigenvalues (curvlinops), exact damping.",
+            "EK-FAC: K-FAC eigenbasis with corrected eigenvalues (hooks or curvlinops), exact "
+            "damping.",
             EKFACOptions,
         ),
         Component(

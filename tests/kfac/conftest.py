@@ -41,3 +41,18 @@ def conv_task() -> ToyTask:
         inputs(24, (1, 5, 5)),
         n_out=2,
     )
+
+
+@pytest.fixture
+def grouped_conv_task() -> ToyTask:
+    """Conv2d(2, 4, 3, groups=2) → ReLU → flatten → Linear(36, 2) on 2×5×5 inputs, MSE.
+
+    The hooks back-end does not model grouped convolutions: K-FAC falls back to curvlinops.
+    """
+    return ToyTask(
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2)
+        ),
+        inputs(12, (2, 5, 5)),
+        n_out=2,
+    )

@@ -75,3 +75,28 @@ def test_pipeline_second_run_reuses_factors(tmp_path):
         assert second.manifests[label]["info"]["curvature"]["from_cache"]
         assert (first.scores[label] == second.scores[label]).all()
     assert len(_files(tmp_path / "cache")) == 2
+
+
+@pytest.mark.parametrize("cls", [KFACHessian, EKFACHessian])
+def test_backends_never_share_a_cache_file(tmp_path, conv_task, cls):
+    """hooks and curvlinops agree to round-off, not bit for bit: each reads only its own file."""
+    model, _, hooks = fit(cls(backend="hooks"), conv_task, cache_dir=tmp_path)
+    _, _, ref = fit(cls(backend="curvlinops"), conv_task, model=model, cache_dir=tmp_path)
+    assert not ref.describe()["from_cache"]  # not the hooks' factors
+    assert len(_files(tmp_path)) == 2
+    for backend, first in (("hooks", hooks), ("curvlinops", ref)):
+        _, _, again = fit(cls(backend=backend), conv_task, model=model, cache_dir=tmp_path)
+        info = again.describe()
+        assert info["from_cache"] and info["backend"] == backend
+        assert torch.equal(again.dense(), first.dense())  # same config → same bits
+
+
+def test_fallback_shares_the_curvlinops_file(tmp_path, grouped_conv_task):
+    """hooks on a grouped conv runs curvlinops: its factors are curvlinops' (one file)."""
+    task = grouped_conv_task
+    model, _, ref = fit(KFACHessian(backend="curvlinops"), task, cache_dir=tmp_path)
+    _, _, got = fit(KFACHessian(backend="hooks"), task, model=model, cache_dir=tmp_path)
+    info = got.describe()
+    assert info["from_cache"] and info["backend"] == "curvlinops"
+    assert torch.equal(got.dense(), ref.dense())
+    assert len(_files(tmp_path)) == 1
