@@ -153,34 +153,42 @@ class KroneckerCurvature(Curvature):
 
     # ---- API -----------------------------------------------------------------------------
     def solve(self, gradients: Tensor) -> Tensor:
-        """``(n, p) -> (n, p)``: ``(H + λ_tot I)⁻¹`` applied to every row (float64 inside)."""
+        """``(n, p) -> (n, p)``: ``(H + λ_tot I)⁻¹`` applied to every row (float64 inside).
+
+        Memory: the output has the input's dtype; only one block's slice of the rows is held
+        in float64 at a time (peak ≈ input + output + one block), not a float64 copy of all
+        of ``gradients``. Each block's arithmetic is the same float64 computation either way.
+        """
         if gradients.ndim != 2 or gradients.shape[1] != self.n_params:
             raise ValueError(
                 f"gradients mismatch: expected (n, {self.n_params}), got {tuple(gradients.shape)}."
             )
-        G = gradients.to(torch.float64)
+        G = gradients
         out = torch.zeros_like(G)
         n = G.shape[0]
+        f64 = torch.float64
         for block in self.blocks:
             key = block.layer
             QG = self.factors[f"{key}|QG"]
             if block.weight is not None:
                 w_off, d_out, d_in = block.weight
                 QA = self.factors[f"{key}|QA"]
-                V = G[:, w_off : w_off + d_out * d_in].reshape(n, d_out, d_in)
+                V = G[:, w_off : w_off + d_out * d_in].to(f64).reshape(n, d_out, d_in)
                 if block.joint:
                     b_off = block.bias[0]
-                    V = torch.cat([V, G[:, b_off : b_off + d_out].unsqueeze(-1)], dim=-1)
+                    b = G[:, b_off : b_off + d_out].to(f64).unsqueeze(-1)
+                    V = torch.cat([V, b], dim=-1)
                 V = _unrotate(_rotate(V, QG, QA) * self._inverse[f"{key}|E"], QG, QA)
                 out[:, w_off : w_off + d_out * d_in] = V[..., :d_in].reshape(n, -1)
                 if block.joint:
                     out[:, b_off : b_off + d_out] = V[..., d_in]
+                del V
             if block.bias is not None and not block.joint:
                 b_off, d_out = block.bias
-                V = G[:, b_off : b_off + d_out]
+                V = G[:, b_off : b_off + d_out].to(f64)
                 V = _unrotate(_rotate(V, QG, None) * self._inverse[f"{key}|E_bias"], QG, None)
                 out[:, b_off : b_off + d_out] = V
-        return out.to(gradients.dtype)
+        return out
 
     def dense(self) -> Tensor:
         """The undamped approximation ``s·K`` as a dense ``(p, p)`` float64 matrix (tests)."""
