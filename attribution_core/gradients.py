@@ -284,15 +284,19 @@ def gradient_chunks(
     cache: GradientCache | None = None,
     transform: Any = None,
     transform_key: Any = None,
+    transform_rows: int = 0,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Like :func:`iter_gradients`, optionally transformed (compressed) and cached.
 
     With a cache, the first pass writes the whole (transformed) matrix; later passes read it
     back in chunks. ``transform_key`` must identify ``transform`` (e.g. the compressor's
-    ``describe()``) so that differently compressed gradients never share a file.
+    ``describe()``) so that differently compressed gradients never share a file. With
+    ``transform_rows`` > ``chunk_size`` consecutive chunks are grouped into one buffer of up to
+    that many rows before ``transform`` (see :meth:`GradientCompressor.preferred_rows`); the
+    yielded pieces are then groups, and the buffer is held next to one chunk.
     """
     if cache is None:
-        for rows, G in iter_gradients(
+        chunks = iter_gradients(
             model,
             measurement,
             data,
@@ -302,9 +306,11 @@ def gradient_chunks(
             chunk_size=chunk_size,
             progress=progress,
             desc=desc,
-        ):
-            yield rows, (transform(G) if transform else G)
-            del G
+        )
+        if transform is None:
+            yield from chunks
+        else:
+            yield from _transformed(chunks, transform, transform_rows)
         return
     parts = {
         "model": model_fingerprint(model),
@@ -333,6 +339,7 @@ def gradient_chunks(
             progress=progress,
             desc=desc,
             transform=transform,
+            transform_rows=transform_rows,
         )
         first = next(chunks, None)
         if first is None:
@@ -355,6 +362,33 @@ def gradient_chunks(
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
         yield rows, torch.from_numpy(np.array(cached[rows])).to(device)
+
+
+def _transformed(
+    chunks: Iterator[tuple[slice, Tensor]], transform: Any, group: int
+) -> Iterator[tuple[slice, Tensor]]:
+    """``(rows, transform(G))`` per chunk, or per group of consecutive chunks (``group`` rows).
+
+    Chunks are copied into one preallocated ``(group, p)`` buffer as they come, so the buffer
+    and one chunk are in memory, never a list of chunks.
+    """
+    buf: Tensor | None = None
+    start = filled = 0
+    for rows, G in chunks:
+        if group <= G.shape[0] and buf is None:
+            yield rows, transform(G)
+            del G
+            continue
+        if buf is None:
+            buf = torch.empty(group, G.shape[1], dtype=G.dtype, device=G.device)
+        if filled + G.shape[0] > group:  # flush before overflowing
+            yield slice(start, start + filled), transform(buf[:filled])
+            start, filled = start + filled, 0
+        buf[filled : filled + G.shape[0]] = G
+        filled += G.shape[0]
+        del G
+    if filled:
+        yield slice(start, start + filled), transform(buf[:filled])
 
 
 def _data_fingerprint(data: Batch) -> str:

@@ -321,6 +321,14 @@ class GradientCompressor(ABC):
     def compress(self, gradients: Tensor) -> Tensor:
         """``(n, p) -> (n, k)``."""
 
+    def preferred_rows(self) -> int:
+        """Rows per ``compress`` call below which it costs more per row (call after ``fit``).
+
+        The training pass groups gradient chunks up to this many rows before compressing
+        (a dense projection's GEMM amortises its matrix over the rows). Default 0: any chunk.
+        """
+        return 0
+
     def describe(self) -> dict[str, Any]:
         """JSON-able facts (resolved projector type, dims) recorded in the manifest."""
         return {"name": self.name}

@@ -114,6 +114,7 @@ class InfluenceScorer(_GradientScorer):
                 cache=cache,
                 transform=compressor.compress if compressed else None,
                 transform_key=compressor.describe() if compressed else None,
+                transform_rows=compressor.preferred_rows() if compressed else 0,
             )
 
         t0 = time.perf_counter()
@@ -204,6 +205,7 @@ class GradientSimilarityScorer(_GradientScorer):
             cache=cache,
             transform=compressor.compress,
             transform_key=compressor.describe(),
+            transform_rows=compressor.preferred_rows(),
         ):
             T = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
             out[rows] = T.to(Q.dtype) @ Q.T

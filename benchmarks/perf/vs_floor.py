@@ -80,8 +80,18 @@ def phase_timers():
 
 
 def method_entry(name: str, samples: int) -> dict[str, Any]:
-    """The method as configured here: S draws in the K-FAC fit too (preset default is 1)."""
-    return {"name": name, "n_samples": samples} if "kfac" in name else {"name": name}
+    """The method as configured here: S draws in the K-FAC fit too (preset default is 1).
+
+    ``name[backend]`` (e.g. ``kfac-influence[curvlinops]``) sets the K-FAC factor back-end, so
+    both back-ends can be timed in one run.
+    """
+    name, _, backend = name.partition("[")
+    entry: dict[str, Any] = {"name": name}
+    if "kfac" in name:
+        entry["n_samples"] = samples
+        if backend:
+            entry["backend"] = backend.rstrip("]")
+    return entry
 
 
 def run_method(

@@ -63,6 +63,12 @@ class ProjectionOptions(BaseModel):
         description="Memory allowed for Φ (cached blocks; the whole matrix for orthogonal) and "
         "for the k×k projected Fisher.",
     )
+    batch_mb: float = Field(
+        256.0,
+        ge=0.0,
+        description="Training gradients are grouped into buffers of up to this size (MiB) "
+        "before projecting: one GEMM over more rows amortises Φ (0: project each chunk).",
+    )
 
     @model_validator(mode="after")
     def _fisher_fits(self) -> ProjectionOptions:
@@ -100,6 +106,7 @@ class ProjectionCompressor(GradientCompressor):
         backend: str = "auto",
         block_mb: float = 32.0,
         max_memory_mb: float = 2048.0,
+        batch_mb: float = 256.0,
     ) -> None:
         if proj_dim < 1:
             raise ConfigError(
@@ -111,6 +118,7 @@ class ProjectionCompressor(GradientCompressor):
         self.backend = backend
         self.block_mb = block_mb
         self.max_memory_mb = max_memory_mb
+        self.batch_mb = batch_mb
         self.n_params: int | None = None
         self.seed = 0
         self.resolved_backend: str | None = None
@@ -166,6 +174,12 @@ class ProjectionCompressor(GradientCompressor):
                 "else regenerated per call"
             )
 
+    def preferred_rows(self) -> int:
+        """Rows of float32 gradients that fit in ``batch_mb`` (0 before ``fit``)."""
+        if self.n_params is None:
+            return 0
+        return int(self.batch_mb * 2**20 // (self.n_params * 4))
+
     def _rows_per_block(self, itemsize: int) -> int:
         return max(1, int(self.block_mb * 2**20 // (self.proj_dim * itemsize)))
 
@@ -178,14 +192,22 @@ class ProjectionCompressor(GradientCompressor):
             )
 
     # ---- Φ -----------------------------------------------------------------------------------
-    def _gen_block(self, b: int, rows: int, dtype: torch.dtype) -> Tensor:
-        """Block ``b`` of Φ: ``(rows, k)`` with the configured distribution, on CPU."""
+    def _gen_block(
+        self, b: int, rows: int, dtype: torch.dtype, out: Tensor | None = None
+    ) -> Tensor:
+        """Block ``b`` of Φ: ``(rows, k)`` with the configured distribution, on CPU.
+
+        ``out`` (a contiguous CPU ``(rows, k)`` view, e.g. rows of the whole Φ) is filled in
+        place with the same values instead of allocating a block and copying it.
+        """
         gen = torch.Generator().manual_seed(_block_seed(self.seed, b))
         k = self.proj_dim
+        if out is None:
+            out = torch.empty(rows, k, dtype=dtype)
         if self.projection == "gaussian":
-            return torch.empty(rows, k, dtype=dtype).normal_(0.0, 1.0 / math.sqrt(k), generator=gen)
+            return out.normal_(0.0, 1.0 / math.sqrt(k), generator=gen)
         signs = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8)
-        return (signs.to(dtype) * 2 - 1) / math.sqrt(k)
+        return out.copy_(signs).mul_(2).sub_(1).div_(math.sqrt(k))
 
     def _orthogonal(self, dtype: torch.dtype) -> Tensor:
         p, k = self.n_params, self.proj_dim
@@ -220,13 +242,28 @@ class ProjectionCompressor(GradientCompressor):
             return [(slice(0, p), _SHARED_PHI[key][0])]
         rows = key[4]
         bounds = [(b, slice(a, min(a + rows, p))) for b, a in enumerate(range(0, p, rows))]
-        if key in _SHARED_PHI:
-            return list(zip([s for _, s in bounds], _SHARED_PHI[key], strict=True))
-        out = [(s, self._gen_block(b, s.stop - s.start, dtype).to(device)) for b, s in bounds]
-        if self._fits(dtype):
+        if not self._fits(dtype):
+            return [(s, self._gen_block(b, s.stop - s.start, dtype).to(device)) for b, s in bounds]
+        full = self._full_matrix(dtype, device)
+        return [(s, full[s]) for _, s in bounds]
+
+    def _full_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The whole ``Φ: (p, k)`` as one contiguous tensor (its row blocks as generated),
+        kept in ``_SHARED_PHI`` for reuse; only when it fits ``max_memory_mb``."""
+        key = self._phi_key(dtype, device)
+        if key not in _SHARED_PHI:
             _SHARED_PHI.clear()  # hold one Φ at a time
-            _SHARED_PHI[key] = [m for _, m in out]
-        return out
+            p, rows = self.n_params, key[4]
+            on_cpu = device.type == "cpu"
+            full = torch.empty(p, self.proj_dim, dtype=dtype, device=device)
+            for b, a in enumerate(range(0, p, rows)):
+                stop = min(a + rows, p)
+                if on_cpu:  # generated in place, no block copy
+                    self._gen_block(b, stop - a, dtype, out=full[a:stop])
+                else:
+                    full[a:stop] = self._gen_block(b, stop - a, dtype).to(device)
+            _SHARED_PHI[key] = [full]
+        return _SHARED_PHI[key][0]
 
     def _fits(self, dtype: torch.dtype) -> bool:
         itemsize = torch.finfo(dtype).bits // 8
@@ -239,18 +276,18 @@ class ProjectionCompressor(GradientCompressor):
         if self.resolved_backend == "traker":
             return self._compress_traker(gradients)
         dtype, device = gradients.dtype, gradients.device
-        out = torch.zeros(gradients.shape[0], self.proj_dim, dtype=dtype, device=device)
         if self.projection != "orthogonal" and not self._fits(dtype):
             # stream: generate, use and drop one block at a time
+            out = torch.zeros(gradients.shape[0], self.proj_dim, dtype=dtype, device=device)
             itemsize = torch.finfo(dtype).bits // 8
             rows = self._rows_per_block(itemsize)
             for b, a in enumerate(range(0, self.n_params, rows)):
                 s = slice(a, min(a + rows, self.n_params))
                 out += gradients[:, s] @ self._gen_block(b, s.stop - s.start, dtype).to(device)
             return out
-        for s, block in self.matrix_blocks(dtype, device):
-            out += gradients[:, s] @ block
-        return out
+        if self.projection == "orthogonal":
+            return gradients @ self.matrix_blocks(dtype, device)[0][1]
+        return gradients @ self._full_matrix(dtype, device)  # one GEMM over all of Φ
 
     def _compress_traker(self, gradients: Tensor) -> Tensor:
         from trak.projectors import BasicProjector, ProjectionType

@@ -109,3 +109,36 @@ def test_cache_reuses_and_separates_transforms(tmp_path):
     )
     assert calls and torch.allclose(doubled, 2 * first)
     assert len(sorted((tmp_path / "gradients").glob("*.npy"))) == 2
+
+
+def test_transform_rows_groups_chunks_before_the_transform(tmp_path):
+    """transform_rows: the transform sees groups of up to that many rows (here 5 = two chunks
+    of 2, then 2 + 2, then the last 3 rows as 2 + 1), the result is the same matrix, and the
+    cache written from groups reads back identically."""
+    model, data = model_and_data()
+    params, _ = select_parameters(model)
+    m = NoisySquare()
+    seen: list[int] = []
+
+    def spy(G):
+        seen.append(G.shape[0])
+        return 3 * G
+
+    plain = stack_gradients(gradient_chunks(model, m, data, params, seed=1, chunk_size=2))
+    pieces = list(
+        gradient_chunks(
+            model, m, data, params, seed=1, chunk_size=2, transform=spy, transform_rows=5
+        )
+    )
+    assert seen == [4, 4, 3]
+    assert [(r.start, r.stop) for r, _ in pieces] == [(0, 4), (4, 8), (8, 11)]
+    grouped = torch.cat([G for _, G in pieces])
+    torch.testing.assert_close(grouped, 3 * plain, rtol=1e-12, atol=1e-14)
+    cache = GradientCache(tmp_path)
+    kw = dict(seed=1, chunk_size=2, cache=cache, transform=spy, transform_key="x3")
+    written = stack_gradients(gradient_chunks(model, m, data, params, transform_rows=5, **kw))
+    read = stack_gradients(gradient_chunks(model, m, data, params, transform_rows=5, **kw))
+    assert torch.equal(written, read) and torch.equal(written, grouped)
+    seen.clear()
+    list(gradient_chunks(model, m, data, params, seed=1, chunk_size=4, transform=spy))
+    assert seen == [4, 4, 3]  # transform_rows 0 (default): one call per chunk
