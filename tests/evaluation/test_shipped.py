@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
 
 @pytest.mark.parametrize(
     "name",
-    ["digits-classifier", pytest.param("digits2-ddpm", marks=pytest.mark.slow)],
+    [
+        "digits-classifier",
+        pytest.param("digits2-ddpm", marks=pytest.mark.slow),
+        pytest.param("digits10-ddpm", marks=pytest.mark.slow),
+    ],
 )
 def test_rebuilt_runs_match_stored_truth(name: str) -> None:
     path = ROOT / name
