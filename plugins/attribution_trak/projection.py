@@ -175,10 +175,17 @@ class ProjectionCompressor(GradientCompressor):
             )
 
     def preferred_rows(self) -> int:
-        """Rows of float32 gradients that fit in ``batch_mb`` (0 before ``fit``)."""
-        if self.n_params is None:
+        """Rows of float32 gradients that fit in ``batch_mb`` (0 before ``fit``).
+
+        When Φ does not fit ``max_memory_mb`` it is regenerated on every call, so the memory
+        it would have taken buffers gradients instead (fewer calls, fewer regenerations).
+        """
+        if self.n_params is None or self.batch_mb == 0:
             return 0
-        return int(self.batch_mb * 2**20 // (self.n_params * 4))
+        budget = self.batch_mb
+        if self.projection != "orthogonal" and not self._fits(torch.float32):
+            budget = max(budget, self.max_memory_mb)
+        return int(budget * 2**20 // (self.n_params * 4))
 
     def _rows_per_block(self, itemsize: int) -> int:
         return max(1, int(self.block_mb * 2**20 // (self.proj_dim * itemsize)))

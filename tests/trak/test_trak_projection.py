@@ -158,3 +158,13 @@ def test_phi_is_shared_between_compressors_with_the_same_identity():
     fitted(p, seed=2, proj_dim=32).compress(G)
     assert len(_SHARED_PHI) == 1
     assert torch.equal(a.compress(G), ya)  # regenerated from its per-block seeds
+
+
+def test_preferred_rows_follow_the_memory_budget():
+    """Group size = batch_mb of float32 rows; max_memory_mb when Φ is regenerated per call."""
+    kept = fitted(1000, proj_dim=64, batch_mb=0.04)  # Φ 0.25 MiB fits the default budget
+    assert kept.preferred_rows() == int(0.04 * 2**20 // 4000)
+    streamed = fitted(1000, proj_dim=64, batch_mb=0.04, max_memory_mb=0.1)
+    assert streamed.preferred_rows() == int(0.1 * 2**20 // 4000)
+    assert fitted(1000, proj_dim=64, batch_mb=0).preferred_rows() == 0
+    assert ProjectionCompressor().preferred_rows() == 0  # before fit
