@@ -370,25 +370,33 @@ def _transformed(
     """``(rows, transform(G))`` per chunk, or per group of consecutive chunks (``group`` rows).
 
     Chunks are copied into one preallocated ``(group, p)`` buffer as they come, so the buffer
-    and one chunk are in memory, never a list of chunks.
+    and one chunk are in memory, never a list of chunks. The buffer is reused for the next
+    group, so a transform that returns (a view of) its input is copied before it is yielded.
     """
     buf: Tensor | None = None
     start = filled = 0
+
+    def flush() -> Tensor:
+        T = transform(buf[:filled])
+        if T.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+            T = T.clone()  # would be overwritten by the next group
+        return T
+
     for rows, G in chunks:
-        if group <= G.shape[0] and buf is None:
+        if buf is None and group <= G.shape[0]:
             yield rows, transform(G)
             del G
             continue
         if buf is None:
             buf = torch.empty(group, G.shape[1], dtype=G.dtype, device=G.device)
         if filled + G.shape[0] > group:  # flush before overflowing
-            yield slice(start, start + filled), transform(buf[:filled])
+            yield slice(start, start + filled), flush()
             start, filled = start + filled, 0
         buf[filled : filled + G.shape[0]] = G
         filled += G.shape[0]
         del G
     if filled:
-        yield slice(start, start + filled), transform(buf[:filled])
+        yield slice(start, start + filled), flush()
 
 
 def _data_fingerprint(data: Batch) -> str:

@@ -142,3 +142,11 @@ def test_transform_rows_groups_chunks_before_the_transform(tmp_path):
     seen.clear()
     list(gradient_chunks(model, m, data, params, seed=1, chunk_size=4, transform=spy))
     assert seen == [4, 4, 3]  # transform_rows 0 (default): one call per chunk
+    # a transform returning its input (a view of the reused buffer) is not overwritten later
+    kept = [
+        G
+        for _, G in gradient_chunks(
+            model, m, data, params, seed=1, chunk_size=2, transform=lambda G: G, transform_rows=5
+        )
+    ]
+    torch.testing.assert_close(torch.cat(kept), plain, rtol=0, atol=0)
