@@ -1,10 +1,11 @@
 """Ours vs kronfluence (EK-FAC) and traker (TRAK) on the same model, data, measurement and draws.
 
-One process, back to back (repeated ``--repeats`` times; the machine may be shared, so only the
-ratios of one run are meaningful):
+One process, back to back (repeated ``--repeats`` times, after one discarded warm-up round on 64
+examples so that no side pays first-call costs in the timed rounds; the machine may be shared,
+so only the ratios of one round are meaningful):
 
-* ``ekfac-influence`` (ours, on curvlinops) vs kronfluence 1.0 EK-FAC. Matched settings: the same
-  (x_t, t, ε) rows (the fit rows of ``task.curvature_problem`` and the per-example training /
+* ``ekfac-influence`` (ours, default hook back-end) vs kronfluence 1.0 EK-FAC. Matched settings:
+  the same (x_t, t, ε) rows (the fit rows of ``task.curvature_problem`` and the per-example training /
   query draws of ``attribution_core.gradients.example_noise``), MC-Fisher pseudo-targets with std
   √½ on both sides (curvlinops' convention; kronfluence's usual recipe uses std 1, which
   estimates 2·H — the peer task here samples with std √½ so the same absolute damping means the
@@ -36,7 +37,7 @@ import torch
 from _common import build, fixed_queries, floor_seconds, header, table, task_options
 from scipy.stats import spearmanr
 from torch.func import functional_call
-from vs_floor import run_method
+from vs_floor import repeated_task, run_method
 
 from attribution_core.gradients import example_noise, select_parameters
 
@@ -201,6 +202,110 @@ def traker_trak(task, model, params, train_fn, target, queries, seed, proj_dim, 
     return scores, {"features": t_feat, "scores": t_sc, "total": t_feat + t_sc, "cpu": cpu}
 
 
+def _label(rep: int) -> str:
+    return "warm-up" if rep < 0 else f"run {rep}"
+
+
+def compare(
+    a: argparse.Namespace,
+    task: Any,
+    model: torch.nn.Module,
+    opts: dict,
+    path,
+    qpath,
+    queries: dict,
+    rep: int,
+    floor: float,
+) -> list[dict]:
+    """One round: ours and each peer on ``task``, back to back; one row per comparison."""
+    params, _ = select_parameters(model)
+    train_fn = task.training_loss(a.samples)
+    target = task.training_loss(a.samples)
+    rows: list[dict] = []
+    if "kronfluence" in a.peers:
+        entry = {
+            "name": "ekfac-influence",
+            "n_samples": a.samples,
+            "damping": a.damping,
+            "separate_weight_and_bias": False,
+        }
+        ours = run_method_entry(entry, opts, path, qpath, a.samples, task)
+        seed = ours["seed"]
+        fit = fit_rows(task, model, seed, a.samples)
+        tr_rows = example_rows(task, train_fn, task.train_data(), seed, "train")
+        q_rows = example_rows(task, target, queries, seed, "query")
+        ks, kt = kronfluence_ekfac(task, model, fit, tr_rows, q_rows, a.damping, 64)
+        rho = spearman_mean(ours["scores"], ks)
+        rows.append(
+            {
+                "run": rep,
+                "comparison": "ekfac-influence vs kronfluence EK-FAC",
+                "floor s": floor,
+                "ours s": ours["timings"]["total"],
+                "peer s": kt["total"],
+                "ours ×floor": ours["timings"]["total"] / floor,
+                "peer ×floor": kt["total"] / floor,
+                "speed-up": kt["total"] / ours["timings"]["total"],
+                "CPU speed-up": kt["cpu"] / ours["cpu"],
+                "Spearman": rho,
+                "min cosine": cosine_min(ours["scores"], ks),
+                "detail": f"ours fit {ours['timings']['fit']:.1f}s; peer fit "
+                f"{kt['fit']:.1f}s, scores {kt['scores']:.1f}s",
+            }
+        )
+        print(
+            f"  {_label(rep)} kronfluence: ours {ours['timings']['total']:.1f}s peer "
+            f"{kt['total']:.1f}s rho {rho:.3f}",
+            flush=True,
+        )
+    if "traker" in a.peers:
+        ours = run_method_entry(
+            {"name": "trak", "proj_dim": a.proj_dim}, opts, path, qpath, a.samples, task
+        )
+        lam = ours["info"]["curvature"]["damping"]
+        seed = ours["seed"]
+        ts, tt = traker_trak(
+            task, model, params, train_fn, target, queries, seed, a.proj_dim, lam, 64
+        )
+        same = run_method_entry(
+            {
+                "name": "trak",
+                "proj_dim": a.proj_dim,
+                "backend": "traker",
+                "damping": lam,
+                "damping_mode": "absolute",
+            },
+            opts,
+            path,
+            qpath,
+            a.samples,
+            task,
+        )
+        rows.append(
+            {
+                "run": rep,
+                "comparison": f"trak vs traker (k={a.proj_dim})",
+                "floor s": floor,
+                "ours s": ours["timings"]["total"],
+                "peer s": tt["total"],
+                "ours ×floor": ours["timings"]["total"] / floor,
+                "peer ×floor": tt["total"] / floor,
+                "speed-up": tt["total"] / ours["timings"]["total"],
+                "CPU speed-up": tt["cpu"] / ours["cpu"],
+                "Spearman": spearman_mean(same["scores"], ts),
+                "min cosine": cosine_min(same["scores"], ts),
+                "detail": f"agreement with traker's Φ injected (ours backend traker, "
+                f"{same['timings']['total']:.1f}s); own-Φ Spearman "
+                f"{spearman_mean(ours['scores'], ts):.3f}",
+            }
+        )
+        print(
+            f"  {_label(rep)} traker: ours {ours['timings']['total']:.1f}s peer {tt['total']:.1f}s",
+            flush=True,
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, nargs="+", default=[0, 1])
@@ -210,102 +315,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--peers", nargs="+", default=["kronfluence", "traker"])
     ap.add_argument("--damping", type=float, default=1e-8, help="EK-FAC damping (absolute)")
+    ap.add_argument(
+        "--train-steps-10",
+        type=int,
+        default=300,
+        help="base-model steps when more than two classes are given (as vs_floor.py)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: 64 examples, S=2, k=256")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     extra: dict[str, Any] = {}
+    if len(a.classes) > 2:
+        extra["train_steps"] = a.train_steps_10
     if a.quick:
         extra, a.samples, a.proj_dim, a.repeats = {"n_train": 64, "train_steps": 20}, 2, 256, 1
     opts = task_options(a.classes, n_samples=a.samples, **extra)
     task, model, path = build(opts)
     qpath = fixed_queries(task, model, path, 16)
     queries = {"x": torch.as_tensor(np.load(qpath)["x"])}
-    params, _ = select_parameters(model)
-    train_fn = task.training_loss(a.samples)
-    target = task.training_loss(a.samples)
+    # warm-up round on 64 examples, results discarded: imports, the first vmap / autograd
+    # set-up and allocator growth are paid here by every method, ours and the peers', so the
+    # first timed round is not a cold start for some and a warm one for others
+    small, _, _ = repeated_task(opts, 64)
+    compare(a, small, model, opts, path, qpath, queries, -1, float("nan"))
     rows: list[dict] = []
     for rep in range(a.repeats):
         floor = floor_seconds(model, task, a.samples)
-        if "kronfluence" in a.peers:
-            entry = {
-                "name": "ekfac-influence",
-                "n_samples": a.samples,
-                "damping": a.damping,
-                "separate_weight_and_bias": False,
-            }
-            ours = run_method_entry(entry, opts, path, qpath, a.samples)
-            seed = ours["seed"]
-            fit = fit_rows(task, model, seed, a.samples)
-            tr_rows = example_rows(task, train_fn, task.train_data(), seed, "train")
-            q_rows = example_rows(task, target, queries, seed, "query")
-            ks, kt = kronfluence_ekfac(task, model, fit, tr_rows, q_rows, a.damping, 64)
-            rho = spearman_mean(ours["scores"], ks)
-            rows.append(
-                {
-                    "run": rep,
-                    "comparison": "ekfac-influence vs kronfluence EK-FAC",
-                    "floor s": floor,
-                    "ours s": ours["timings"]["total"],
-                    "peer s": kt["total"],
-                    "ours ×floor": ours["timings"]["total"] / floor,
-                    "peer ×floor": kt["total"] / floor,
-                    "speed-up": kt["total"] / ours["timings"]["total"],
-                    "CPU speed-up": kt["cpu"] / ours["cpu"],
-                    "Spearman": rho,
-                    "min cosine": cosine_min(ours["scores"], ks),
-                    "detail": f"ours fit {ours['timings']['fit']:.1f}s; peer fit "
-                    f"{kt['fit']:.1f}s, scores {kt['scores']:.1f}s",
-                }
-            )
-            print(
-                f"  run {rep} kronfluence: ours {ours['timings']['total']:.1f}s peer "
-                f"{kt['total']:.1f}s rho {rho:.3f}",
-                flush=True,
-            )
-        if "traker" in a.peers:
-            ours = run_method_entry(
-                {"name": "trak", "proj_dim": a.proj_dim}, opts, path, qpath, a.samples
-            )
-            lam = ours["info"]["curvature"]["damping"]
-            seed = ours["seed"]
-            ts, tt = traker_trak(
-                task, model, params, train_fn, target, queries, seed, a.proj_dim, lam, 64
-            )
-            same = run_method_entry(
-                {
-                    "name": "trak",
-                    "proj_dim": a.proj_dim,
-                    "backend": "traker",
-                    "damping": lam,
-                    "damping_mode": "absolute",
-                },
-                opts,
-                path,
-                qpath,
-                a.samples,
-            )
-            rows.append(
-                {
-                    "run": rep,
-                    "comparison": f"trak vs traker (k={a.proj_dim})",
-                    "floor s": floor,
-                    "ours s": ours["timings"]["total"],
-                    "peer s": tt["total"],
-                    "ours ×floor": ours["timings"]["total"] / floor,
-                    "peer ×floor": tt["total"] / floor,
-                    "speed-up": tt["total"] / ours["timings"]["total"],
-                    "CPU speed-up": tt["cpu"] / ours["cpu"],
-                    "Spearman": spearman_mean(same["scores"], ts),
-                    "min cosine": cosine_min(same["scores"], ts),
-                    "detail": f"agreement with traker's Φ injected (ours backend traker, "
-                    f"{same['timings']['total']:.1f}s); own-Φ Spearman "
-                    f"{spearman_mean(ours['scores'], ts):.3f}",
-                }
-            )
-            print(
-                f"  run {rep} traker: ours {ours['timings']['total']:.1f}s peer {tt['total']:.1f}s",
-                flush=True,
-            )
+        rows += compare(a, task, model, opts, path, qpath, queries, rep, floor)
     print(
         header(
             f"ours vs peers, digits-{len(a.classes)} N={task.n_train} S={a.samples}, 16 queries",
@@ -329,9 +365,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def run_method_entry(entry: dict, opts: dict, path, qpath, samples: int) -> dict[str, Any]:
-    """:func:`vs_floor.run_method` with a full method entry."""
-    return run_method(entry["name"], opts, path, qpath, samples, entry=entry)
+def run_method_entry(
+    entry: dict, opts: dict, path, qpath, samples: int, task: Any = None
+) -> dict[str, Any]:
+    """:func:`vs_floor.run_method` with a full method entry (on ``task`` if given)."""
+    return run_method(entry["name"], opts, path, qpath, samples, task=task, entry=entry)
 
 
 if __name__ == "__main__":
