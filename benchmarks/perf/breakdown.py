@@ -29,17 +29,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import attribution_kfac.factors as factors
+import attribution_kfac.rotation as rotation
 import torch
 from _common import build, fixed_queries, floor_times, header, table, task_options
 from attribution_trak.projection import ProjectionCompressor
 from vs_floor import repeated_task, run_method
 
 
-def rotation_macs(g: torch.Tensor, conv: bool, a: torch.Tensor) -> int:
-    """Multiply-adds of one ``factors._corrected`` call (the side it picks)."""
+def rotation_macs(g: torch.Tensor, conv: bool, qa: torch.Tensor) -> int:
+    """Multiply-adds of one ``rotation.corrected_squares`` call (the side it picks)."""
     gt = g if conv else g.transpose(1, 2)
     b, d, L = gt.shape
-    D = a.shape[-1]
+    D = qa.shape[0]
     if L == 1:
         return b * (d * d + D * D + d * D)
     return b * min(L * (d * d + D * D) + L * d * D, L * d * D + d * D * (d + D))
@@ -77,20 +78,20 @@ def kernel_timers() -> Iterator[dict[str, float]]:
     timed(factors.FactorPasses, "eigenvalue_correction", "", "correction pass")
     timed(factors.FactorPasses, "_input_covariance", "A covariance")
     timed(factors.FactorPasses, "_gradient_covariance", "G covariance")
-    timed(factors, "patch_matrix_cl", "patch matrices")
+    timed(rotation, "patch_matrix_cl", "patch matrices")
     timed(ProjectionCompressor, "_full_matrix", "Φ generation")
 
-    orig_rot = factors._corrected
+    orig_rot = rotation.corrected_squares
 
-    def rotation(g, conv, qg, a, qa):
+    def rotated(g, conv, qg, a, qa, *memo):
         t0 = time.perf_counter()
         try:
-            return orig_rot(g, conv, qg, a, qa)
+            return orig_rot(g, conv, qg, a, qa, *memo)
         finally:
             acc[f"{state['pass']}/rotation"] += time.perf_counter() - t0
-            acc["rotation MACs"] += rotation_macs(g, conv, a)
+            acc["rotation MACs"] += rotation_macs(g, conv, qa)
 
-    patch(factors, "_corrected", rotation)
+    patch(rotation, "corrected_squares", rotated)
     orig_out = factors.FactorPasses._output_gradients
 
     def output_gradients(self, *args: Any, **kwargs: Any):

@@ -12,7 +12,9 @@ number of MC samples), the same ``[W | b]`` layout — so the factors agree to f
 * Conv2d input covariances use :func:`attribution_kfac.patches.conv_input_covariance` (Toeplitz
   blocks for stride 1; no ``unfold`` → ``rearrange`` → ``einsum`` copies).
 * EK-FAC's per-row gradients come from one ``bmm`` of the output gradients and a channels-last
-  patch matrix; the eigenbasis rotation is applied on the cheaper side.
+  patch matrix; the eigenbasis rotation is applied on the cheaper side
+  (:mod:`attribution_kfac.rotation`), and with several MC pseudo-targets per forward pass the
+  inputs rotated into ``Q_A`` are kept for the batch instead of being rotated per sample.
 
 Supported: ``nn.Linear`` and ``nn.Conv2d`` (groups 1, zero padding) with one input each; losses
 MSE / cross-entropy / BCE-with-logits; Fisher ``mc`` / ``empirical`` / ``type-2`` /
@@ -38,11 +40,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from attribution_kfac import rotation
 from attribution_kfac.patches import (
     cl_order,
     conv_geometry,
     conv_input_covariance,
-    patch_matrix_cl,
     patch_sum,
     reduce_patches,
 )
@@ -109,6 +111,7 @@ class FactorPasses:
         self.fisher, self.mc_samples, self.approx = fisher, mc_samples, approx
         self.joint, self.n_data, self.seed, self.device = joint, n_data, seed, device
         self._calls: list[tuple[Layer, Tensor | None, GradientEdge | None]] = []  # per call
+        self._batch = -1  # index of the batch being processed in the current pass
 
     # ---- passes --------------------------------------------------------------------------
     def kronecker_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -140,24 +143,43 @@ class FactorPasses:
         """
         out: dict[str, dict[str, Tensor]] = {}
         perms: dict[str, Tensor] = {}
+        # with several MC pseudo-targets per forward pass, every backward pass sees the same
+        # layer inputs: their rotation into the Q_A basis is kept for the batch (by call)
+        memo: dict[int, Tensor] = {}
+        memo_batch = [-1]
 
         def on_grad(layer: Layer, x: Tensor, g: Tensor, scale: float) -> None:
             res = out.setdefault(layer.name, {})
             qg = QG[layer.name]
-            g3 = _rows_positions_out(layer.module, g)  # (B, L, d_out) or conv (B, d_out, L)
+            g3 = rotation.rows_positions_out(layer.module, g)  # (B, L, d_out) or conv (B, d_out, L)
             if layer.weight:
+                if memo_batch[0] != self._batch:
+                    memo.clear()
+                    memo_batch[0] = self._batch
                 qa = QA[layer.name]
-                a = _rows_positions_in(layer.module, x)  # (B, L, D) (conv: channels-last)
+                key = "joint" if self._joint(layer) else "weight"
+                # x is held by self._calls for the whole batch, so its id is unique in it
+                reuse = memo if self.fisher == "mc" and self.mc_samples > 1 else None
+                a = None  # not needed when its rotation is kept from an earlier MC sample
+                if reuse is None or id(x) not in reuse:
+                    a = rotation.rows_positions_in(
+                        layer.module, x
+                    )  # (B, L, D) (conv: channels-last)
+                    if key == "joint":
+                        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
                 if isinstance(layer.module, nn.Conv2d):
                     if layer.name not in perms:
                         perms[layer.name] = cl_order(conv_geometry(layer.module), x.device)
                     perm = perms[layer.name]
-                    qa = qa.index_select(0, _cl_rows(perm, joint=qa.shape[0] > perm.numel()))
-                key = "joint" if self._joint(layer) else "weight"
-                if key == "joint":
-                    a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+                    qa = qa.index_select(
+                        0, rotation.cl_rows(perm, joint=qa.shape[0] > perm.numel())
+                    )
                 conv = isinstance(layer.module, nn.Conv2d)
-                _add(res, key, _corrected(g3, conv, qg, a, qa).mul_(scale))
+                _add(
+                    res,
+                    key,
+                    rotation.corrected_squares(g3, conv, qg, a, qa, reuse, id(x)).mul_(scale),
+                )
             if layer.bias and not self._joint(layer):
                 gs = g3.sum(2 if isinstance(layer.module, nn.Conv2d) else 1)
                 _add(res, "bias", (gs @ qg).square_().sum(0).mul_(scale))
@@ -179,7 +201,8 @@ class FactorPasses:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed)
         try:
-            for X, y in self.data:
+            for batch, (X, y) in enumerate(self.data):
+                self._batch = batch
                 if isinstance(X, Tensor):
                     X = X.to(self.device)
                 y = y.to(self.device)
@@ -351,47 +374,3 @@ def _draw_label(loss_func: nn.Module, output: Tensor, gen: torch.Generator) -> T
     if isinstance(loss_func, nn.CrossEntropyLoss):
         return output.softmax(dim=1).multinomial(num_samples=1, generator=gen).squeeze(-1)
     return output.sigmoid().bernoulli(generator=gen)
-
-
-def _rows_positions_out(mod: nn.Module, g: Tensor) -> Tensor:
-    """Output gradients per row: conv ``(B, C_out, L)`` (native layout), Linear ``(B, L, d_out)``."""
-    if isinstance(mod, nn.Conv2d):
-        return g.reshape(g.shape[0], g.shape[1], -1)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
-
-
-def _rows_positions_in(mod: nn.Module, x: Tensor) -> Tensor:
-    """Inputs per row ``(B, L, D)``; conv patches in channels-last order (see :func:`cl_order`)."""
-    if isinstance(mod, nn.Conv2d):
-        return patch_matrix_cl(x, conv_geometry(mod))
-    return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-def _cl_rows(perm: Tensor, joint: bool) -> Tensor:
-    """Row order of ``Q_A`` matching channels-last patches (``[a, 1]`` keeps the 1 last)."""
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    if joint:
-        inv = torch.cat([inv, inv.new_tensor([perm.numel()])])
-    return inv
-
-
-def _corrected(g: Tensor, conv: bool, qg: Tensor, a: Tensor, qa: Tensor) -> Tensor:
-    """``Σ_rows (Q_Gᵀ (Σ_l g_l a_lᵀ) Q_A)²``: ``(d_out, D)``.
-
-    ``g``: conv ``(B, d_out, L)``, Linear ``(B, L, d_out)``; ``a: (B, L, D)`` with ``qa``'s rows
-    in ``a``'s order. Without weight sharing (``L = 1``) the square factorises:
-    ``(ĝ²)ᵀ (â²)``. Otherwise the per-row gradient is rotated on the cheaper side.
-    """
-    gt = g if conv else g.transpose(1, 2)  # (B, d_out, L)
-    _, d_out, L = gt.shape
-    D = a.shape[-1]
-    if L == 1:
-        gh = gt[:, :, 0] @ qg
-        ah = a[:, 0, :] @ qa
-        return gh.square().T @ ah.square()
-    if L * (d_out * d_out + D * D) < d_out * D * (d_out + D):  # rotate g and a first
-        rot = torch.bmm(qg.T @ gt, a @ qa)
-    else:
-        rot = qg.T @ torch.bmm(gt, a) @ qa
-    return rot.square_().sum(0)

@@ -277,6 +277,41 @@ def test_eigenvalue_correction_equals_curvlinops(case, fisher, mc, separate):
             _close(got[layer.name][part], want[i], f"E of {layer.name}.{part}")
 
 
+def test_correction_rotates_each_input_once_for_several_mc_samples(monkeypatch):
+    """With 3 pseudo-targets per forward pass inputs rotated into ``Q_A`` are kept per batch.
+
+    The values are checked against curvlinops (``mc3`` above); this checks that the reuse
+    happens. MLP (``L = 1``): every layer keeps its rotated inputs, so the inputs are gathered
+    once per batch and layer whatever the number of samples. DDPM-like net: its convolutions
+    that rotate the inputs first keep them; those that rotate the per-row gradient instead
+    (cheaper there) gather their patches per sample, so the count lies strictly in between.
+    """
+    import attribution_kfac.rotation as rotation
+
+    orig = rotation.rows_positions_in
+    calls: list[int] = []
+
+    def counting(mod, x):
+        calls.append(id(x))
+        return orig(mod, x)
+
+    monkeypatch.setattr(rotation, "rows_positions_in", counting)
+    for name in ("mlp", "ddpm"):
+        model, loss_func, _, layers, data = _problem(name, "mse-sum")
+        QA, QG = _bases(layers, separate=True)
+        counts = {}
+        for mc in (1, 3):
+            calls.clear()
+            passes = _passes(model, loss_func, layers, data, "mc", mc, "expand", True)
+            passes.eigenvalue_correction(QA, QG)
+            counts[mc] = len(calls)
+        assert counts[1] == len(data) * sum(layer.weight for layer in layers)
+        if name == "mlp":
+            assert counts[3] == counts[1], counts
+        else:
+            assert counts[1] < counts[3] < 3 * counts[1], counts
+
+
 # ---- end to end through the Hessian ------------------------------------------------------------
 # Through ``fit`` the factors (equal to ~1e-14, above) go through float64 ``eigh`` and the damped
 # inverse: eigenvectors move by round-off / eigen-gap and the solve amplifies by up to
