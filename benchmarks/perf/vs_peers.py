@@ -202,6 +202,34 @@ def traker_trak(task, model, params, train_fn, target, queries, seed, proj_dim, 
     return scores, {"features": t_feat, "scores": t_sc, "total": t_feat + t_sc, "cpu": cpu}
 
 
+def _row(
+    rep: int,
+    comparison: str,
+    floor: float,
+    ours: dict,
+    peer: dict,
+    spearman: float,
+    cosine: float,
+    detail: str,
+) -> dict[str, Any]:
+    """One table row: times, ratios to the floor, speed-ups (wall and CPU), agreement."""
+    t_ours, t_peer = ours["timings"]["total"], peer["total"]
+    return {
+        "run": rep,
+        "comparison": comparison,
+        "floor s": floor,
+        "ours s": t_ours,
+        "peer s": t_peer,
+        "ours ×floor": t_ours / floor,
+        "peer ×floor": t_peer / floor,
+        "speed-up": t_peer / t_ours,
+        "CPU speed-up": peer["cpu"] / ours["cpu"],
+        "Spearman": spearman,
+        "min cosine": cosine,
+        "detail": detail,
+    }
+
+
 def _label(rep: int) -> str:
     return "warm-up" if rep < 0 else f"run {rep}"
 
@@ -236,22 +264,21 @@ def compare(
         q_rows = example_rows(task, target, queries, seed, "query")
         ks, kt = kronfluence_ekfac(task, model, fit, tr_rows, q_rows, a.damping, 64)
         rho = spearman_mean(ours["scores"], ks)
+        detail = (
+            f"ours fit {ours['timings']['fit']:.1f}s; peer fit {kt['fit']:.1f}s, "
+            f"scores {kt['scores']:.1f}s"
+        )
         rows.append(
-            {
-                "run": rep,
-                "comparison": "ekfac-influence vs kronfluence EK-FAC",
-                "floor s": floor,
-                "ours s": ours["timings"]["total"],
-                "peer s": kt["total"],
-                "ours ×floor": ours["timings"]["total"] / floor,
-                "peer ×floor": kt["total"] / floor,
-                "speed-up": kt["total"] / ours["timings"]["total"],
-                "CPU speed-up": kt["cpu"] / ours["cpu"],
-                "Spearman": rho,
-                "min cosine": cosine_min(ours["scores"], ks),
-                "detail": f"ours fit {ours['timings']['fit']:.1f}s; peer fit "
-                f"{kt['fit']:.1f}s, scores {kt['scores']:.1f}s",
-            }
+            _row(
+                rep,
+                "ekfac-influence vs kronfluence EK-FAC",
+                floor,
+                ours,
+                kt,
+                rho,
+                cosine_min(ours["scores"], ks),
+                detail,
+            )
         )
         print(
             f"  {_label(rep)} kronfluence: ours {ours['timings']['total']:.1f}s peer "
@@ -281,23 +308,22 @@ def compare(
             a.samples,
             task,
         )
+        detail = (
+            f"agreement with traker's Φ injected (ours backend traker, "
+            f"{same['timings']['total']:.1f}s); own-Φ Spearman "
+            f"{spearman_mean(ours['scores'], ts):.3f}"
+        )
         rows.append(
-            {
-                "run": rep,
-                "comparison": f"trak vs traker (k={a.proj_dim})",
-                "floor s": floor,
-                "ours s": ours["timings"]["total"],
-                "peer s": tt["total"],
-                "ours ×floor": ours["timings"]["total"] / floor,
-                "peer ×floor": tt["total"] / floor,
-                "speed-up": tt["total"] / ours["timings"]["total"],
-                "CPU speed-up": tt["cpu"] / ours["cpu"],
-                "Spearman": spearman_mean(same["scores"], ts),
-                "min cosine": cosine_min(same["scores"], ts),
-                "detail": f"agreement with traker's Φ injected (ours backend traker, "
-                f"{same['timings']['total']:.1f}s); own-Φ Spearman "
-                f"{spearman_mean(ours['scores'], ts):.3f}",
-            }
+            _row(
+                rep,
+                f"trak vs traker (k={a.proj_dim})",
+                floor,
+                ours,
+                tt,
+                spearman_mean(same["scores"], ts),
+                cosine_min(same["scores"], ts),
+                detail,
+            )
         )
         print(
             f"  {_label(rep)} traker: ours {ours['timings']['total']:.1f}s peer {tt['total']:.1f}s",
