@@ -23,6 +23,13 @@ manifest and in the gradient-cache key; the projection *type* never changes with
   (``AttributeError`` on the next call), so there ``auto``/``traker`` resolve to ``torch`` and the
   reason is recorded. traker's ``CudaProjector`` needs the ``fast_jl`` CUDA extension, which this
   project does not install; it is not used.
+
+Generator (``generator``, recorded with the back-end): ``cpu`` (default) draws Φ with torch's CPU
+generator on every device, so a CPU and a GPU run project with the same Φ; on a GPU the blocks
+are drawn on the CPU and copied, which for a large ``p·k`` (Φ streamed, regenerated per call)
+makes the projection CPU-bound. ``cuda`` draws each block with a CUDA generator seeded the same
+way, on the gradients' GPU: fast, deterministic for a seed on that device, but a *different* Φ
+from a CPU run — the gradient-cache key holds ``generator``, so the two never share a file.
 """
 
 from __future__ import annotations
@@ -62,6 +69,11 @@ class ProjectionOptions(BaseModel):
         gt=0.0,
         description="Memory allowed for Φ (cached blocks; the whole matrix for orthogonal) and "
         "for the k×k projected Fisher.",
+    )
+    generator: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Where Φ is drawn: cpu = the same Φ on every device (copied to a GPU); "
+        "cuda = on the gradients' GPU (fast there; a different Φ from a CPU run).",
     )
     batch_mb: float = Field(
         256.0,
@@ -107,6 +119,7 @@ class ProjectionCompressor(GradientCompressor):
         block_mb: float = 32.0,
         max_memory_mb: float = 2048.0,
         batch_mb: float = 256.0,
+        generator: str = "cpu",
     ) -> None:
         if proj_dim < 1:
             raise ConfigError(
@@ -119,6 +132,9 @@ class ProjectionCompressor(GradientCompressor):
         self.block_mb = block_mb
         self.max_memory_mb = max_memory_mb
         self.batch_mb = batch_mb
+        if generator not in ("cpu", "cuda"):
+            raise ConfigError(f"generator: {generator!r} is not one of cpu, cuda")
+        self.generator = generator
         self.n_params: int | None = None
         self.seed = 0
         self.resolved_backend: str | None = None
@@ -136,6 +152,16 @@ class ProjectionCompressor(GradientCompressor):
         p, k = int(n_params), self.proj_dim
         self.n_params, self.seed = p, int(seed)
         self._traker = None
+        if self.generator == "cuda" and (
+            self.projection == "orthogonal" or self.backend == "traker"
+        ):
+            what = (
+                "projection: orthogonal" if self.projection == "orthogonal" else "backend: traker"
+            )
+            raise ConfigError(
+                f"generator: cuda draws Φ itself; {what} draws it elsewhere (orthogonal: a CPU "
+                f"QR; traker: its own projector) — use generator: cpu"
+            )
         if self.projection == "orthogonal":
             if k > p:
                 raise ConfigError(
@@ -199,21 +225,39 @@ class ProjectionCompressor(GradientCompressor):
             )
 
     # ---- Φ -----------------------------------------------------------------------------------
-    def _gen_block(
-        self, b: int, rows: int, dtype: torch.dtype, out: Tensor | None = None
-    ) -> Tensor:
-        """Block ``b`` of Φ: ``(rows, k)`` with the configured distribution, on CPU.
+    def _draw_device(self, device: torch.device) -> torch.device:
+        """Where Φ's blocks are drawn for gradients on ``device`` (see ``generator``)."""
+        if self.generator == "cpu":
+            return torch.device("cpu")
+        if device.type != "cuda":
+            raise ConfigError(
+                f"generator: cuda needs the gradients on a CUDA device (they are on {device}); "
+                f"use generator: cpu"
+            )
+        return device
 
-        ``out`` (a contiguous CPU ``(rows, k)`` view, e.g. rows of the whole Φ) is filled in
-        place with the same values instead of allocating a block and copying it.
+    def _gen_block(
+        self,
+        b: int,
+        rows: int,
+        dtype: torch.dtype,
+        out: Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """Block ``b`` of Φ: ``(rows, k)`` with the configured distribution, drawn on
+        ``device`` (the CPU unless ``generator: cuda``).
+
+        ``out`` (a contiguous ``(rows, k)`` view on that device, e.g. rows of the whole Φ) is
+        filled in place with the same values instead of allocating a block and copying it.
         """
-        gen = torch.Generator().manual_seed(_block_seed(self.seed, b))
+        device = device or torch.device("cpu")
+        gen = torch.Generator(device=device).manual_seed(_block_seed(self.seed, b))
         k = self.proj_dim
         if out is None:
-            out = torch.empty(rows, k, dtype=dtype)
+            out = torch.empty(rows, k, dtype=dtype, device=device)
         if self.projection == "gaussian":
             return out.normal_(0.0, 1.0 / math.sqrt(k), generator=gen)
-        signs = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8)
+        signs = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8, device=device)
         return out.copy_(signs).mul_(2).sub_(1).div_(math.sqrt(k))
 
     def _orthogonal(self, dtype: torch.dtype) -> Tensor:
@@ -228,6 +272,7 @@ class ProjectionCompressor(GradientCompressor):
         rows = self._rows_per_block(torch.finfo(dtype).bits // 8)
         return (
             self.projection,
+            self.generator,
             self.seed,
             self.n_params,
             self.proj_dim,
@@ -247,10 +292,14 @@ class ProjectionCompressor(GradientCompressor):
                 _SHARED_PHI.clear()
                 _SHARED_PHI[key] = [self._orthogonal(dtype).to(device)]
             return [(slice(0, p), _SHARED_PHI[key][0])]
-        rows = key[4]
+        rows = key[5]
         bounds = [(b, slice(a, min(a + rows, p))) for b, a in enumerate(range(0, p, rows))]
         if not self._fits(dtype):
-            return [(s, self._gen_block(b, s.stop - s.start, dtype).to(device)) for b, s in bounds]
+            draw = self._draw_device(device)
+            return [
+                (s, self._gen_block(b, s.stop - s.start, dtype, device=draw).to(device))
+                for b, s in bounds
+            ]
         full = self._full_matrix(dtype, device)
         return [(s, full[s]) for _, s in bounds]
 
@@ -260,15 +309,16 @@ class ProjectionCompressor(GradientCompressor):
         key = self._phi_key(dtype, device)
         if key not in _SHARED_PHI:
             _SHARED_PHI.clear()  # hold one Φ at a time
-            p, rows = self.n_params, key[4]
-            on_cpu = device.type == "cpu"
+            p, rows = self.n_params, key[5]
+            draw = self._draw_device(device)
+            in_place = draw.type == device.type
             full = torch.empty(p, self.proj_dim, dtype=dtype, device=device)
             for b, a in enumerate(range(0, p, rows)):
                 stop = min(a + rows, p)
-                if on_cpu:  # generated in place, no block copy
-                    self._gen_block(b, stop - a, dtype, out=full[a:stop])
+                if in_place:  # generated where Φ lives: no block copy
+                    self._gen_block(b, stop - a, dtype, out=full[a:stop], device=draw)
                 else:
-                    full[a:stop] = self._gen_block(b, stop - a, dtype).to(device)
+                    full[a:stop] = self._gen_block(b, stop - a, dtype, device=draw).to(device)
             _SHARED_PHI[key] = [full]
         return _SHARED_PHI[key][0]
 
@@ -288,9 +338,11 @@ class ProjectionCompressor(GradientCompressor):
             out = torch.zeros(gradients.shape[0], self.proj_dim, dtype=dtype, device=device)
             itemsize = torch.finfo(dtype).bits // 8
             rows = self._rows_per_block(itemsize)
+            draw = self._draw_device(device)
             for b, a in enumerate(range(0, self.n_params, rows)):
                 s = slice(a, min(a + rows, self.n_params))
-                out += gradients[:, s] @ self._gen_block(b, s.stop - s.start, dtype).to(device)
+                block = self._gen_block(b, s.stop - s.start, dtype, device=draw)
+                out += gradients[:, s] @ block.to(device)
             return out
         if self.projection == "orthogonal":
             return gradients @ self.matrix_blocks(dtype, device)[0][1]
@@ -326,4 +378,5 @@ class ProjectionCompressor(GradientCompressor):
             "backend": self.backend,
             "resolved_backend": self.resolved_backend,
             "backend_note": self.backend_note,
+            "generator": self.generator,
         }

@@ -168,3 +168,55 @@ def test_preferred_rows_follow_the_memory_budget():
     assert streamed.preferred_rows() == int(0.1 * 2**20 // 4000)
     assert fitted(1000, proj_dim=64, batch_mb=0).preferred_rows() == 0
     assert ProjectionCompressor().preferred_rows() == 0  # before fit
+
+
+# ---- generator: cpu (default) / cuda ---------------------------------------------------------
+def test_cpu_generator_is_the_default_recorded_and_its_bits_are_the_per_block_draws():
+    """Φ's first block is exactly a CPU generator seeded by ``_block_seed(seed, 0)``, drawn in
+    place (independent recomputation), and ``generator`` is part of the recorded identity."""
+    from attribution_trak.projection import _block_seed
+
+    p, k = 300, 16
+    c = fitted(p, seed=5, proj_dim=k, block_mb=0.01)  # 0.01 MiB -> 81 float64 rows per block
+    assert c.describe()["generator"] == "cpu"
+    rows = c._rows_per_block(8)
+    gen = torch.Generator().manual_seed(_block_seed(5, 0))
+    want = torch.empty(rows, k, dtype=torch.float64).normal_(0.0, 1.0 / math.sqrt(k), generator=gen)
+    assert torch.equal(matrix(c, p)[:rows], want)
+
+
+def test_cuda_generator_refuses_gradients_off_the_gpu_and_other_drawers():
+    from attribution_core import ConfigError
+
+    c = fitted(200, proj_dim=16, generator="cuda")
+    assert c.describe()["generator"] == "cuda"
+    with pytest.raises(ConfigError, match="generator: cuda needs the gradients on a CUDA"):
+        c.compress(torch.randn(2, 200))
+    with pytest.raises(ConfigError, match="projection: orthogonal"):
+        fitted(200, proj_dim=16, generator="cuda", projection="orthogonal")
+    with pytest.raises(ConfigError, match="backend: traker"):
+        fitted(200, proj_dim=128, generator="cuda", backend="traker")
+    with pytest.raises(ConfigError, match="not one of cpu, cuda"):
+        ProjectionCompressor(generator="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_cuda_generator_draws_a_seeded_jl_matrix_on_the_gpu(kind):
+    """On a GPU: the same seed gives the same Φ, cached and streamed agree, the entries have
+    variance 1/k (4σ of the sample variance over p·k entries), and Φ differs from the CPU one."""
+    p, k = 2000, 64
+    dev = torch.device("cuda")
+    G = torch.randn(3, p, device=dev, dtype=torch.float64)
+    a = fitted(p, seed=2, proj_dim=k, projection=kind, generator="cuda", block_mb=0.2)
+    phi = a.compress(torch.eye(p, device=dev, dtype=torch.float64))
+    _SHARED_PHI.clear()
+    again = fitted(p, seed=2, proj_dim=k, projection=kind, generator="cuda", block_mb=0.2)
+    assert torch.equal(again.compress(torch.eye(p, device=dev, dtype=torch.float64)), phi)
+    streamed = fitted(p, seed=2, proj_dim=k, projection=kind, generator="cuda", block_mb=0.2,
+                      max_memory_mb=0.5)  # fmt: skip
+    torch.testing.assert_close(streamed.compress(G), a.compress(G), rtol=1e-12, atol=1e-14)
+    var = phi.var().item() * k
+    assert abs(var - 1.0) < 4 * math.sqrt(2.0 / (p * k)) * 1.5
+    cpu = fitted(p, seed=2, proj_dim=k, projection=kind, block_mb=0.2)
+    assert not torch.allclose(matrix(cpu, p), phi.cpu())
