@@ -262,7 +262,9 @@ def compare(
         fit = fit_rows(task, model, seed, a.samples)
         tr_rows = example_rows(task, train_fn, task.train_data(), seed, "train")
         q_rows = example_rows(task, target, queries, seed, "query")
-        ks, kt = kronfluence_ekfac(task, model, fit, tr_rows, q_rows, a.damping, 64)
+        ks, kt = kronfluence_ekfac(
+            task, model, fit, tr_rows, q_rows, a.damping, a.kronfluence_batch
+        )
         rho = spearman_mean(ours["scores"], ks)
         detail = (
             f"ours fit {ours['timings']['fit']:.1f}s; peer fit {kt['fit']:.1f}s, "
@@ -292,7 +294,7 @@ def compare(
         lam = ours["info"]["curvature"]["damping"]
         seed = ours["seed"]
         ts, tt = traker_trak(
-            task, model, params, train_fn, target, queries, seed, a.proj_dim, lam, 64
+            task, model, params, train_fn, target, queries, seed, a.proj_dim, lam, a.traker_batch
         )
         same = run_method_entry(
             {
@@ -341,6 +343,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--peers", nargs="+", default=["kronfluence", "traker"])
     ap.add_argument("--damping", type=float, default=1e-8, help="EK-FAC damping (absolute)")
+    ap.add_argument(
+        "--kronfluence-batch",
+        type=int,
+        default=64,
+        help="kronfluence's per-device batch, in (example, draw) rows (ours: 64 examples × S)",
+    )
+    ap.add_argument(
+        "--traker-batch",
+        type=int,
+        default=64,
+        help="examples per traker featurize call (each call regenerates its Φ)",
+    )
     ap.add_argument(
         "--train-steps-10",
         type=int,
