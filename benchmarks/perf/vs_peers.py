@@ -331,6 +331,28 @@ def compare(
             f"  {_label(rep)} traker: ours {ours['timings']['total']:.1f}s peer {tt['total']:.1f}s",
             flush=True,
         )
+        if a.sjlt:  # ours with the sparse JL transform: a different Φ, so not the same work
+            sp = run_method_entry(
+                {"name": "trak", "proj_dim": a.proj_dim, "projection": "sjlt"},
+                opts,
+                path,
+                qpath,
+                a.samples,
+                task,
+            )
+            rho_g = spearman_mean(sp["scores"], ours["scores"])
+            rows.append(
+                _row(
+                    rep,
+                    f"trak (projection: sjlt, s=4) vs traker (k={a.proj_dim}), not the same Φ",
+                    floor,
+                    sp,
+                    tt,
+                    spearman_mean(sp["scores"], ts),
+                    cosine_min(sp["scores"], ts),
+                    f"vs ours with the Gaussian Φ: Spearman {rho_g:.3f}",
+                )
+            )
     return rows
 
 
@@ -360,6 +382,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         type=int,
         default=300,
         help="base-model steps when more than two classes are given (as vs_floor.py)",
+    )
+    ap.add_argument(
+        "--sjlt",
+        action="store_true",
+        help="also time ours with projection: sjlt (a sparse Φ: a different projection)",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: 64 examples, S=2, k=256")
     a = ap.parse_args(argv)

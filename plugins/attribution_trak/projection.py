@@ -6,6 +6,9 @@
 * ``rademacher``: i.i.d. ``±1/√k`` (probability ½ each),
 * ``orthogonal``: ``√(p/k) · Q`` with ``Q`` the orthonormal columns of a Gaussian ``(p, k)``
   matrix (``k ≤ p``); with ``k = p`` this is an exact rotation, used by the exactness tests.
+* ``sjlt``: a sparse JL transform, ``s = sjlt_nnz`` entries ``±1/√s`` per row of Φ, one in each
+  of ``s`` blocks of ``k/s`` columns (:mod:`attribution_trak.sjlt`): not the same Φ as the dense
+  kinds, but ``p·s`` instead of ``p·k`` numbers to draw and one sparse product to apply.
 
 All three satisfy ``E[ΦΦᵀ] = I``, so inner products are preserved in expectation:
 ``E[(Φᵀu)ᵀ(Φᵀv)] = uᵀv``; for the Gaussian case ``Var = (‖u‖²‖v‖² + (uᵀv)²)/k``.
@@ -36,63 +39,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from attribution_core import ConfigError, GradientCompressor
+from attribution_trak.projection_options import ProjectionOptions  # noqa: F401  (re-export)
+from attribution_trak.sjlt import sjlt_project, sjlt_transpose
 
 TRAKER_BLOCK = 100
 """Column-block size of traker's ``BasicProjector`` (its default ``block_size``)."""
-
-
-class ProjectionOptions(BaseModel):
-    """Options of the ``projection`` compressor."""
-
-    model_config = ConfigDict(extra="forbid")
-    proj_dim: int = Field(2048, ge=1, description="k: dimension of the projected gradients.")
-    projection: Literal["gaussian", "rademacher", "orthogonal"] = Field(
-        "gaussian",
-        description="Entries N(0,1/k), ±1/√k, or √(p/k)·orthonormal columns (k ≤ p; tests).",
-    )
-    backend: Literal["auto", "traker", "torch"] = Field(
-        "auto",
-        description="auto = torch (blocked, cached); traker = trak.projectors.BasicProjector.",
-    )
-    block_mb: float = Field(
-        32.0, gt=0.0, description="Size of one generated block of Φ (MiB), torch back-end."
-    )
-    max_memory_mb: float = Field(
-        2048.0,
-        gt=0.0,
-        description="Memory allowed for Φ (cached blocks; the whole matrix for orthogonal) and "
-        "for the k×k projected Fisher.",
-    )
-    generator: Literal["cpu", "cuda"] = Field(
-        "cpu",
-        description="Where Φ is drawn: cpu = the same Φ on every device (copied to a GPU); "
-        "cuda = on the gradients' GPU (fast there; a different Φ from a CPU run).",
-    )
-    batch_mb: float = Field(
-        256.0,
-        ge=0.0,
-        description="Training gradients are grouped into buffers of up to this size (MiB) "
-        "before projecting: one GEMM over more rows amortises Φ (0: project each chunk).",
-    )
-
-    @model_validator(mode="after")
-    def _fisher_fits(self) -> ProjectionOptions:
-        """The k×k float64 projected Fisher must fit in ``max_memory_mb`` (checked before work)."""
-        mb = self.proj_dim**2 * 8 / 2**20
-        if mb > self.max_memory_mb:
-            raise ValueError(
-                f"proj_dim={self.proj_dim} needs a {self.proj_dim}×{self.proj_dim} float64 "
-                f"projected Fisher, {mb:.0f} MiB > max_memory_mb={self.max_memory_mb:g}; lower "
-                f"proj_dim or raise max_memory_mb"
-            )
-        return self
 
 
 _SHARED_PHI: dict[tuple[Any, ...], list[Tensor]] = {}
@@ -120,6 +77,7 @@ class ProjectionCompressor(GradientCompressor):
         max_memory_mb: float = 2048.0,
         batch_mb: float = 256.0,
         generator: str = "cpu",
+        sjlt_nnz: int = 4,
     ) -> None:
         if proj_dim < 1:
             raise ConfigError(
@@ -135,6 +93,12 @@ class ProjectionCompressor(GradientCompressor):
         if generator not in ("cpu", "cuda"):
             raise ConfigError(f"generator: {generator!r} is not one of cpu, cuda")
         self.generator = generator
+        if projection == "sjlt" and (sjlt_nnz < 1 or self.proj_dim % sjlt_nnz):
+            raise ConfigError(
+                f"sjlt_nnz: {sjlt_nnz} must be ≥ 1 and divide proj_dim {self.proj_dim} (Φ's "
+                f"columns are split into sjlt_nnz equal blocks)"
+            )
+        self.sjlt_nnz = int(sjlt_nnz)
         self.n_params: int | None = None
         self.seed = 0
         self.resolved_backend: str | None = None
@@ -152,16 +116,27 @@ class ProjectionCompressor(GradientCompressor):
         p, k = int(n_params), self.proj_dim
         self.n_params, self.seed = p, int(seed)
         self._traker = None
-        if self.generator == "cuda" and (
-            self.projection == "orthogonal" or self.backend == "traker"
-        ):
+        drawn_elsewhere = self.projection in ("orthogonal", "sjlt") or self.backend == "traker"
+        if self.generator == "cuda" and drawn_elsewhere:
             what = (
-                "projection: orthogonal" if self.projection == "orthogonal" else "backend: traker"
+                f"projection: {self.projection}"
+                if self.projection in ("orthogonal", "sjlt")
+                else "backend: traker"
             )
             raise ConfigError(
-                f"generator: cuda draws Φ itself; {what} draws it elsewhere (orthogonal: a CPU "
-                f"QR; traker: its own projector) — use generator: cpu"
+                f"generator: cuda draws Φ's dense blocks on the GPU; {what} draws it elsewhere "
+                f"(orthogonal: a CPU QR; sjlt: p·s CPU indices; traker: its own projector) — use "
+                f"generator: cpu"
             )
+        if self.projection == "sjlt":
+            if self.backend == "traker":
+                raise ConfigError(
+                    "projection: sjlt is not one of traker's projection types (normal, "
+                    "rademacher); use backend: torch"
+                )
+            self.resolved_backend = "torch"
+            self.backend_note = f"sparse JL: {self.sjlt_nnz} entries per parameter, one sparse mm"
+            return
         if self.projection == "orthogonal":
             if k > p:
                 raise ConfigError(
@@ -209,7 +184,7 @@ class ProjectionCompressor(GradientCompressor):
         if self.n_params is None or self.batch_mb == 0:
             return 0
         budget = self.batch_mb
-        if self.projection != "orthogonal" and not self._fits(torch.float32):
+        if self.projection not in ("orthogonal", "sjlt") and not self._fits(torch.float32):
             budget = max(budget, self.max_memory_mb)
         return int(budget * 2**20 // (self.n_params * 4))
 
@@ -287,6 +262,8 @@ class ProjectionCompressor(GradientCompressor):
             raise ConfigError("compressor projection: call fit(n_params, seed) before use")
         p = self.n_params
         key = self._phi_key(dtype, device)
+        if self.projection == "sjlt":  # dense, for inspection and tests only
+            return [(slice(0, p), self._sjlt(dtype, device).to_dense().T.contiguous())]
         if self.projection == "orthogonal":  # fit() checked that it fits
             if key not in _SHARED_PHI:
                 _SHARED_PHI.clear()
@@ -322,6 +299,16 @@ class ProjectionCompressor(GradientCompressor):
             _SHARED_PHI[key] = [full]
         return _SHARED_PHI[key][0]
 
+    def _sjlt(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``Φᵀ`` of ``projection: sjlt`` (sparse ``(k, p)``), kept in ``_SHARED_PHI``."""
+        key = (*self._phi_key(dtype, device), "sjlt", self.sjlt_nnz)
+        if key not in _SHARED_PHI:
+            _SHARED_PHI.clear()
+            p, k, s = self.n_params, self.proj_dim, self.sjlt_nnz
+            seed = _block_seed(self.seed, 0)
+            _SHARED_PHI[key] = [sjlt_transpose(p, k, s, seed, dtype, device)]
+        return _SHARED_PHI[key][0]
+
     def _fits(self, dtype: torch.dtype) -> bool:
         itemsize = torch.finfo(dtype).bits // 8
         return self.n_params * self.proj_dim * itemsize / 2**20 <= self.max_memory_mb
@@ -333,6 +320,8 @@ class ProjectionCompressor(GradientCompressor):
         if self.resolved_backend == "traker":
             return self._compress_traker(gradients)
         dtype, device = gradients.dtype, gradients.device
+        if self.projection == "sjlt":
+            return sjlt_project(self._sjlt(dtype, device), gradients)
         if self.projection != "orthogonal" and not self._fits(dtype):
             # stream: generate, use and drop one block at a time
             out = torch.zeros(gradients.shape[0], self.proj_dim, dtype=dtype, device=device)
@@ -373,7 +362,10 @@ class ProjectionCompressor(GradientCompressor):
             "proj_dim": self.proj_dim,
             "n_params": self.n_params,
             "projection": self.projection,
-            "scale": "1/sqrt(k)" if self.projection != "orthogonal" else "sqrt(p/k)",
+            "scale": {"orthogonal": "sqrt(p/k)", "sjlt": "1/sqrt(s)"}.get(
+                self.projection, "1/sqrt(k)"
+            ),
+            **({"sjlt_nnz": self.sjlt_nnz} if self.projection == "sjlt" else {}),
             "seed": self.seed,
             "backend": self.backend,
             "resolved_backend": self.resolved_backend,

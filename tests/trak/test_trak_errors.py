@@ -71,7 +71,7 @@ def test_unknown_substitution_lists_valid_ones():
 
 def test_unknown_projection_type():
     with pytest.raises(
-        ConfigError, match=r"projection: .*'gaussian', 'rademacher' or 'orthogonal'"
+        ConfigError, match=r"projection: .*'gaussian', 'rademacher', 'orthogonal' or 'sjlt'"
     ):
         attribute(lr_config([{"name": "trak", "projection": "sparse"}]))
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
-from trak_helpers import dense_fisher_influence, loop_gradients, lr_config
+from trak_helpers import (
+    dense_fisher_influence,
+    linear_gradients,
+    loop_gradients,
+    lr_config,
+    rel_err,
+)
 
 from attribution_core import attribute
 
@@ -15,17 +20,6 @@ from attribution_core import attribute
 # basis while the reference uses numpy's LU in the original one — both backward-stable, so they
 # agree to ~cond(F + λI)·1e-16 ≲ 1e-10 at these dampings; 1e-8 relative leaves a safety margin.
 RTOL = 1e-8
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def linear_gradients(task, model, batch) -> np.ndarray:
-    """Closed form: ℓ = (y − wᵀx − b)², ∇_w = −2 r x, ∇_b = −2 r (weight first, then bias)."""
-    x, y = batch["x"].double(), batch["y"].double()
-    r = y - (x @ model.weight.detach().double().T).squeeze(1) - model.bias.detach().double()
-    return torch.cat([-2 * r[:, None] * x, -2 * r[:, None]], dim=1).numpy()
 
 
 @pytest.mark.parametrize(

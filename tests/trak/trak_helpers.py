@@ -49,3 +49,15 @@ def dense_fisher_influence(G: np.ndarray, Gq: np.ndarray, lam: float) -> np.ndar
     n, p = G.shape
     F = G.T @ G / n
     return G @ np.linalg.solve(F + lam * np.eye(p), Gq.T)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest absolute difference relative to the largest entry of ``b``."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def linear_gradients(task, model, batch) -> np.ndarray:
+    """Closed form: ℓ = (y − wᵀx − b)², ∇_w = −2 r x, ∇_b = −2 r (weight first, then bias)."""
+    x, y = batch["x"].double(), batch["y"].double()
+    r = y - (x @ model.weight.detach().double().T).squeeze(1) - model.bias.detach().double()
+    return torch.cat([-2 * r[:, None] * x, -2 * r[:, None]], dim=1).numpy()
