@@ -142,44 +142,43 @@ class FactorPasses:
         ``{layer: {"weight": (d_out, d_in), "bias": (d_out,)}}`` (the parameters present).
         """
         out: dict[str, dict[str, Tensor]] = {}
-        perms: dict[str, Tensor] = {}
+        bases: dict[str, Tensor] = {}  # Q_A per layer, rows in the order of its inputs' columns
         # with several MC pseudo-targets per forward pass, every backward pass sees the same
         # layer inputs: their rotation into the Q_A basis is kept for the batch (by call)
         memo: dict[int, Tensor] = {}
         memo_batch = [-1]
 
+        def input_basis(layer: Layer, device: torch.device) -> Tensor:
+            if layer.name not in bases:
+                qa = QA[layer.name]
+                if isinstance(layer.module, nn.Conv2d):  # channels-last patches
+                    perm = cl_order(conv_geometry(layer.module), device)
+                    qa = qa.index_select(
+                        0, rotation.cl_rows(perm, joint=qa.shape[0] > perm.numel())
+                    )
+                bases[layer.name] = qa
+            return bases[layer.name]
+
         def on_grad(layer: Layer, x: Tensor, g: Tensor, scale: float) -> None:
             res = out.setdefault(layer.name, {})
             qg = QG[layer.name]
-            g3 = rotation.rows_positions_out(layer.module, g)  # (B, L, d_out) or conv (B, d_out, L)
+            g3 = rotation.rows_positions_out(layer.module, g)  # (B, L, d_out) / conv (B, d_out, L)
             if layer.weight:
                 if memo_batch[0] != self._batch:
                     memo.clear()
                     memo_batch[0] = self._batch
-                qa = QA[layer.name]
                 key = "joint" if self._joint(layer) else "weight"
                 # x is held by self._calls for the whole batch, so its id is unique in it
                 reuse = memo if self.fisher == "mc" and self.mc_samples > 1 else None
                 a = None  # not needed when its rotation is kept from an earlier MC sample
                 if reuse is None or id(x) not in reuse:
-                    a = rotation.rows_positions_in(
-                        layer.module, x
-                    )  # (B, L, D) (conv: channels-last)
+                    a = rotation.rows_positions_in(layer.module, x)  # (B, L, D)
                     if key == "joint":
                         a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-                if isinstance(layer.module, nn.Conv2d):
-                    if layer.name not in perms:
-                        perms[layer.name] = cl_order(conv_geometry(layer.module), x.device)
-                    perm = perms[layer.name]
-                    qa = qa.index_select(
-                        0, rotation.cl_rows(perm, joint=qa.shape[0] > perm.numel())
-                    )
+                qa = input_basis(layer, x.device)
                 conv = isinstance(layer.module, nn.Conv2d)
-                _add(
-                    res,
-                    key,
-                    rotation.corrected_squares(g3, conv, qg, a, qa, reuse, id(x)).mul_(scale),
-                )
+                sq = rotation.corrected_squares(g3, conv, qg, a, qa, reuse, id(x))
+                _add(res, key, sq.mul_(scale))
             if layer.bias and not self._joint(layer):
                 gs = g3.sum(2 if isinstance(layer.module, nn.Conv2d) else 1)
                 _add(res, "bias", (gs @ qg).square_().sum(0).mul_(scale))
