@@ -16,14 +16,20 @@ from attribution_core.interfaces import (
     Curvature,
     CurvatureProblem,
     Executor,
+    FitInputs,
     GradientCompressor,
     HessianApproximation,
     Measurement,
+    MemorySink,
+    MethodParts,
+    Phase,
+    PlanSizes,
     Scorer,
+    ScoreSink,
     ScoringContext,
     Task,
 )
-from attribution_core.methods import MethodPreset, ResolvedMethod
+from attribution_core.methods import MethodPreset, MethodSpec
 from attribution_core.pipeline import AttributionResult, attribute
 from attribution_core.registry import Component, Registry, get_registry
 
@@ -39,14 +45,20 @@ __all__ = [
     "CurvatureProblem",
     "DataError",
     "Executor",
+    "FitInputs",
     "GradientCompressor",
     "HessianApproximation",
     "Measurement",
+    "MemorySink",
+    "MethodParts",
     "MethodPreset",
+    "MethodSpec",
     "NumericalError",
+    "Phase",
+    "PlanSizes",
     "Registry",
-    "ResolvedMethod",
     "RunConfig",
+    "ScoreSink",
     "Scorer",
     "ScoringContext",
     "Task",

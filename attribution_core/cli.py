@@ -89,6 +89,11 @@ def list_components(
             "plugin": c.plugin,
             "help": c.help,
             "options": sorted(c.options.model_fields) if c.options else [],
+            **(
+                {"composition": c.factory.composition(reg)}
+                if hasattr(c.factory, "composition")
+                else {}
+            ),
         }
         for c in reg.components(kind)
     ]
@@ -98,9 +103,11 @@ def list_components(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("kind", "name", "plugin", "help")
+    composed = any("composition" in r for r in rows)
+    table = Table("kind", "name", "plugin", "help", *(["composition"] if composed else []))
     for r in rows:
-        table.add_row(r["kind"], r["name"], r["plugin"], r["help"])
+        extra = [r.get("composition", "")] if composed else []
+        table.add_row(r["kind"], r["name"], r["plugin"], r["help"], *extra)
     Console().print(table)
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from attribution_core.errors import ConfigError, DataError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""``RunConfig.dtype`` -> torch dtype."""
 
 
 class StrictModel(BaseModel):
@@ -42,16 +46,49 @@ class MeasurementConfig(OpenModel):
     """A measurement by name with options, e.g. ``{name: timestep-loss, t: 500}``."""
 
 
-class MethodConfig(OpenModel):
-    """A method preset by name with per-field overrides, e.g. ``{name: trak, proj_dim: 2048}``.
+class ComponentConfig(OpenModel):
+    """A component by name with its options, e.g. ``{name: projection, proj_dim: 4096}``."""
 
-    Overrides are routed to whichever of the preset's components (scorer, hessian, compressor)
-    declares that field; ``train_function``/``query_function`` replace the preset's functions.
+
+class EnsembleConfig(StrictModel):
+    """Average a gradient-based method's scores over independently trained models."""
+
+    models: int = Field(
+        ...,
+        ge=1,
+        description="M: models averaged. Member 0 is the run's model; member m ≥ 1 is trained on "
+        "all of D from seed (method seed + m), once (cached under cache_dir/models), and uses "
+        "that seed for its own projection and Monte-Carlo draws.",
+    )
+
+
+class MethodConfig(BaseModel):
+    """A method: a preset by name with overrides, or components named directly.
+
+    ``{name: trak, proj_dim: 2048}`` routes each flat override to whichever of the preset's
+    components declares that field; ``hessian: {name: kfac, damping: 1e-6}`` replaces a
+    component (dropping the replaced component's preset defaults); without ``name``, ``scorer``
+    (and ``label``) name the method's components directly.
     """
 
+    model_config = ConfigDict(extra="allow")
+    name: str | None = Field(
+        None,
+        description="Method preset (see `attribution list --kind method`), or omit and "
+        "give `scorer`.",
+    )
     label: str | None = Field(None, description="Output directory name; default: the method name.")
     seed: int | None = Field(
         None, description="Seed of the method's random choices; default: run seed."
+    )
+    scorer: str | ComponentConfig | None = Field(
+        None, description="Scorer (`influence`, `gradient-similarity`, ...): replaces the preset's."
+    )
+    hessian: str | ComponentConfig | None = Field(
+        None, description="Hessian approximation with its options: replaces the preset's."
+    )
+    compressor: str | ComponentConfig | None = Field(
+        None, description="Gradient compressor with its options: replaces the preset's."
     )
     train_function: str | MeasurementConfig | None = Field(
         None, description="Measurement whose gradient stands for ∇ℓ(θ, x_j)."
@@ -59,6 +96,28 @@ class MethodConfig(OpenModel):
     query_function: str | MeasurementConfig | None = Field(
         None, description="Measurement differentiated on the queries; default: the target."
     )
+    ensemble: EnsembleConfig | None = Field(
+        None, description="`{models: M}`: average the scores over M independently trained models."
+    )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The flat overrides (keys that are not fields of the entry itself)."""
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _named(self) -> MethodConfig:
+        if self.name is None and self.scorer is None:
+            raise ValueError(
+                "a method entry needs `name` (a preset, see `attribution list --kind method`) "
+                "or `scorer` with a `label` (components named directly)"
+            )
+        if self.name is None and self.label is None:
+            raise ValueError(
+                "a method entry without `name` needs a `label` (its output directory), e.g. "
+                "`{label: ekfac-proj, scorer: influence, hessian: ekfac}`"
+            )
+        return self
 
 
 class QueriesConfig(StrictModel):
@@ -188,7 +247,7 @@ def label_of(entry: str | MethodConfig) -> str:
     """A method entry's label (its name unless set)."""
     if isinstance(entry, str):
         return entry
-    return entry.label or entry.name
+    return entry.label or entry.name or ""
 
 
 def as_measurement(ref: str | MeasurementConfig) -> MeasurementConfig:
@@ -202,7 +261,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "MethodConfig", "MeasurementConfig") or "[" in str(part):
+        elif part in ("str", "MethodConfig", "MeasurementConfig", "ComponentConfig") or "[" in str(
+            part
+        ):
             continue  # union-branch tags from pydantic
         else:
             out += f".{part}" if out else str(part)

@@ -62,6 +62,8 @@ def render(registry: Registry | None = None) -> str:
         ("`evaluation.lds`", c.LDSConfig),
         ("`evaluation.counterfactual`", c.CounterfactualConfig),
         ("Method entries (`methods[i]`, besides the routed component options)", c.MethodConfig),
+        ("`methods[i].hessian`, `.compressor`, `.scorer` (as a mapping)", c.ComponentConfig),
+        ("`methods[i].ensemble`", c.EnsembleConfig),
     ]
     for title, model in sections:
         out += [f"## {title}", "", *model_table(model), ""]
@@ -82,14 +84,19 @@ def render(registry: Registry | None = None) -> str:
     out += [
         "## Methods (presets)",
         "",
-        "| method | scorer | hessian | compressor | train_function | query_function | defaults |",
-        "|---|---|---|---|---|---|---|",
+        "Any component may be replaced, or a method composed directly; the valid combinations "
+        "are in [Composing methods](composing-methods.md).",
+        "",
+        "| method | scorer | hessian | compressor | train_function | query_function | defaults "
+        "| ensemble |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for comp in reg.components("method"):
         p = comp.factory
         out.append(
             f"| `{p.name}` | {p.scorer} | {p.hessian or '–'} | {p.compressor or '–'} | "
-            f"{p.train_function} | {p.query_function or 'target'} | {p.defaults or ''} |"
+            f"{p.train_function} | {p.query_function or 'target'} | {p.defaults or ''} | "
+            f"{p.ensemble or ''} |"
         )
     return "\n".join(out) + "\n"
 

@@ -10,13 +10,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,10 +20,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from attribution_core.errors import NumericalError
+from attribution_core.gradient_cache import (
+    GradientCache,
+    cache_key,
+    data_fingerprint,
+    model_fingerprint,
+)
 from attribution_core.interfaces import Batch, Measurement, batch_size, index_batch
 from attribution_core.precision import gradient_autocast, gradient_precision
 from attribution_core.progress import progress_bar
-from attribution_core.storage import atomic_save_npy
 
 CURVATURE_MODULES = (nn.Linear, nn.Conv2d)
 _STREAMS = {"train": 1, "query": 2, "target": 3, "fit": 4}
@@ -157,13 +157,19 @@ def iter_gradients(
     chunk_size: int = 64,
     progress: bool = False,
     desc: str = "gradients",
+    rows: slice | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
-    """Yield ``(rows, G)`` chunks over ``data``: ``G: (len(rows), p)``, checked finite."""
-    n = batch_size(data)
+    """Yield ``(rows, G)`` chunks over ``data``: ``G: (len(rows), p)``, checked finite.
+
+    With ``rows`` only that range of ``data`` is computed (chunks start at ``rows.start``); the
+    yielded slices are always row indices of ``data``, and the noise of example ``i`` is the
+    same whichever range it is computed in.
+    """
+    first, stop = _bounds(rows, batch_size(data))
     layout = layout_of(params)
-    with progress_bar(total=n, desc=desc, enabled=progress) as bar:
-        for start in range(0, n, chunk_size):
-            rows = slice(start, min(start + chunk_size, n))
+    with progress_bar(total=stop - first, desc=desc, enabled=progress) as bar:
+        for start in range(first, stop, chunk_size):
+            rows = slice(start, min(start + chunk_size, stop))
             chunk = index_batch(data, rows)
             noise = example_noise(measurement, chunk, seed, stream, start)
             G = per_example_gradients(model, measurement, chunk, noise, params)
@@ -173,101 +179,14 @@ def iter_gradients(
             del G  # not alive while the next chunk is computed (one chunk in memory)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the model's state (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        t = v.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def cache_key(**parts: Any) -> str:
-    """Stable short hash of JSON-able ``parts``."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-class GradientCache:
-    """Gradient matrices on disk, one ``.npy`` (+ ``.json`` of its key parts) per key.
-
-    A matrix is written atomically once complete; a missing or mismatching file is recomputed.
-    Reads are memory-mapped, so scoring streams chunks without loading the whole matrix.
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    def path(self, key: str) -> Path:
-        return self.root / "gradients" / f"{key}.npy"
-
-    def load(self, key: str, parts: dict[str, Any]) -> np.ndarray | None:
-        """The cached matrix (memory-mapped) if present and recorded with the same ``parts``."""
-        path = self.path(key)
-        meta = path.with_suffix(".json")
-        if not (path.is_file() and meta.is_file()):
-            return None
-        try:
-            if json.loads(meta.read_text()) != json.loads(json.dumps(parts, default=str)):
-                return None
-            return np.load(path, mmap_mode="r")
-        except (ValueError, OSError):
-            return None
-
-    def save(self, key: str, parts: dict[str, Any], matrix: np.ndarray) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(path, matrix)
-        self._write_meta(path, parts)
-
-    @staticmethod
-    def _write_meta(path: Path, parts: dict[str, Any]) -> None:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(parts, default=str, sort_keys=True))
-        tmp.replace(path.with_suffix(".json"))
-
-    @contextmanager
-    def writer(
-        self, key: str, parts: dict[str, Any], shape: tuple[int, int], dtype: np.dtype
-    ) -> Iterator[Callable[[np.ndarray], None]]:
-        """``write(rows)`` appending C-order rows to an ``.npy`` of ``shape``, published atomically.
-
-        The ``.npy`` header is written first, then each chunk's bytes as they come (no copy of
-        the whole matrix in memory, unlike ``np.save`` of a concatenation). The file is renamed
-        over the key's path, and its ``.json`` written, only when the ``with`` block ends
-        without an exception and all ``shape[0]`` rows were written; otherwise (an exception,
-        an abandoned generator) the temporary file is removed.
-        """
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npy")
-        written = 0
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                header = {
-                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                    "fortran_order": False,
-                    "shape": tuple(shape),
-                }
-                np.lib.format.write_array_header_1_0(fh, header)
-
-                def write(block: np.ndarray) -> None:
-                    nonlocal written
-                    block = np.ascontiguousarray(block, dtype=dtype)
-                    fh.write(memoryview(block).cast("B"))  # no bytes copy of the chunk
-                    written += block.shape[0]
-
-                yield write
-                if written != shape[0]:
-                    raise RuntimeError(f"gradient cache: {written} of {shape[0]} rows written")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._write_meta(path, parts)
+def _bounds(rows: slice | None, n: int) -> tuple[int, int]:
+    """``(start, stop)`` of a contiguous row range of ``n`` rows (None = all)."""
+    if rows is None:
+        return 0, n
+    start, stop, step = rows.indices(n)
+    if step != 1 or start > stop:
+        raise ValueError(f"rows mismatch: expected a contiguous range of 0..{n}, got {rows}.")
+    return start, stop
 
 
 def gradient_chunks(
@@ -285,8 +204,13 @@ def gradient_chunks(
     transform: Any = None,
     transform_key: Any = None,
     transform_rows: int = 0,
+    rows: slice | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Like :func:`iter_gradients`, optionally transformed (compressed) and cached.
+
+    Prefer :class:`GradientStream`, which holds these arguments as one record. With ``rows``
+    only that range is yielded: read from the cache when the whole matrix is cached, computed
+    (and not cached) otherwise.
 
     With a cache, the first pass writes the whole (transformed) matrix; later passes read it
     back in chunks. ``transform_key`` must identify ``transform`` (e.g. the compressor's
@@ -295,7 +219,13 @@ def gradient_chunks(
     that many rows before ``transform`` (see :meth:`GradientCompressor.preferred_rows`); the
     yielded pieces are then groups, and the buffer is held next to one chunk.
     """
-    if cache is None:
+    partial = rows is not None and _bounds(rows, batch_size(data)) != (0, batch_size(data))
+    if cache is None or (
+        partial
+        and not cache.has(
+            _cache_parts(model, measurement, data, params, seed, stream, transform_key)
+        )
+    ):
         chunks = iter_gradients(
             model,
             measurement,
@@ -306,24 +236,14 @@ def gradient_chunks(
             chunk_size=chunk_size,
             progress=progress,
             desc=desc,
+            rows=rows,
         )
         if transform is None:
             yield from chunks
         else:
             yield from _transformed(chunks, transform, transform_rows)
         return
-    parts = {
-        "model": model_fingerprint(model),
-        "measurement": measurement.describe(),
-        "seed": seed,
-        "stream": stream,
-        "params": layout_of(params),
-        "n": batch_size(data),
-        "data": _data_fingerprint(data),
-        "transform": transform_key,
-    }
-    if (precision := gradient_precision()) is not None:
-        parts["precision"] = precision  # float32 keys unchanged; bf16 never shares a file
+    parts = _cache_parts(model, measurement, data, params, seed, stream, transform_key)
     key = cache_key(**parts)
     cached = cache.load(key, parts)
     if cached is None:
@@ -358,10 +278,35 @@ def gradient_chunks(
                 del G
         return
     device = next(iter(params.values())).device
-    n = cached.shape[0]
-    for start in range(0, n, chunk_size):
-        rows = slice(start, min(start + chunk_size, n))
-        yield rows, torch.from_numpy(np.array(cached[rows])).to(device)
+    first, stop = _bounds(rows, cached.shape[0])
+    for start in range(first, stop, chunk_size):
+        piece = slice(start, min(start + chunk_size, stop))
+        yield piece, torch.from_numpy(np.array(cached[piece])).to(device)
+
+
+def _cache_parts(
+    model: nn.Module,
+    measurement: Measurement,
+    data: Batch,
+    params: Mapping[str, Tensor],
+    seed: int,
+    stream: str,
+    transform_key: Any,
+) -> dict[str, Any]:
+    """What identifies a cached gradient matrix (its key is a hash of these)."""
+    parts = {
+        "model": model_fingerprint(model),
+        "measurement": measurement.describe(),
+        "seed": seed,
+        "stream": stream,
+        "params": layout_of(params),
+        "n": batch_size(data),
+        "data": data_fingerprint(data),
+        "transform": transform_key,
+    }
+    if (precision := gradient_precision()) is not None:
+        parts["precision"] = precision  # float32 keys unchanged; bf16 never shares a file
+    return parts
 
 
 def _transformed(
@@ -399,15 +344,6 @@ def _transformed(
         yield slice(start, start + filled), flush()
 
 
-def _data_fingerprint(data: Batch) -> str:
-    h = hashlib.sha256()
-    for k in sorted(data):
-        t = data[k].detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:20]
-
-
 def stack_gradients(chunks: Iterator[tuple[slice, Tensor]], n: int | None = None) -> Tensor:
     """All chunks as one ``(n, p)`` tensor (small problems and queries).
 
@@ -428,3 +364,88 @@ def stack_gradients(chunks: Iterator[tuple[slice, Tensor]], n: int | None = None
     if out is None or filled != n:
         raise ValueError(f"stack_gradients: expected {n} rows, got {filled}")
     return out
+
+
+@dataclass(frozen=True)
+class GradientStream:
+    """Per-example gradients of one measurement over one dataset, as one read-only record.
+
+    ``chunks()`` yields ``(rows, G)`` with ``G: (len(rows), p)`` — or ``(len(rows), k)`` once
+    :meth:`compressed` — where ``rows`` index ``data``. Noise of example ``i`` is drawn from
+    ``(seed, stream, i)`` (:func:`example_noise`), so any row range (:meth:`restrict`, the unit
+    of sharding) gives the same rows as the whole pass.
+
+    Attributes:
+        model: the trained model (eval mode); ``params`` are its included parameters.
+        measurement: the function differentiated (``train_function`` or ``query_function``).
+        data: the examples, leading dimension ``n``.
+        params: included parameters, ``name -> tensor`` (the flattening order).
+        seed: the method's seed.
+        stream: noise stream (``train``, ``query``, ...).
+        chunk_size: examples per ``vmap`` call.
+        cache: the gradient cache (None = compute every pass).
+        compressor: applied to every chunk (grouped to its ``preferred_rows``), or None.
+        rows: the row range of ``data`` this stream covers (None = all).
+    """
+
+    model: nn.Module
+    measurement: Measurement
+    data: Batch
+    params: Mapping[str, Tensor]
+    seed: int
+    stream: str = "train"
+    chunk_size: int = 64
+    cache: GradientCache | None = None
+    compressor: Any = None
+    rows: slice | None = None
+
+    @property
+    def n_rows(self) -> int:
+        """Rows this stream yields."""
+        start, stop = _bounds(self.rows, batch_size(self.data))
+        return stop - start
+
+    def restrict(self, rows: slice) -> GradientStream:
+        """The same stream over ``rows`` of ``data`` only (a shard)."""
+        _bounds(rows, batch_size(self.data))
+        return replace(self, rows=rows)
+
+    def compressed(self, compressor: Any) -> GradientStream:
+        """The same stream with every chunk passed through ``compressor.compress``."""
+        return replace(self, compressor=compressor)
+
+    def chunks(
+        self, *, progress: bool = False, desc: str = "gradients"
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """Yield ``(rows, G)`` over this stream's rows (one chunk or group in memory)."""
+        c = self.compressor
+        return gradient_chunks(
+            self.model,
+            self.measurement,
+            self.data,
+            self.params,
+            seed=self.seed,
+            stream=self.stream,
+            chunk_size=self.chunk_size,
+            progress=progress,
+            desc=desc,
+            cache=self.cache,
+            transform=c.compress if c is not None else None,
+            transform_key=c.describe() if c is not None else None,
+            transform_rows=c.preferred_rows() if c is not None else 0,
+            rows=self.rows,
+        )
+
+    def stack(self, *, progress: bool = False, desc: str = "gradients") -> Tensor:
+        """Every row of the stream as one ``(n_rows, p)`` tensor (queries, small problems)."""
+        start, _ = _bounds(self.rows, batch_size(self.data))
+        return stack_gradients(
+            _shifted(self.chunks(progress=progress, desc=desc), start), n=self.n_rows
+        )
+
+
+def _shifted(chunks: Iterator[tuple[slice, Tensor]], start: int) -> Iterator[tuple[slice, Tensor]]:
+    """Chunks with their row slices shifted by ``-start`` (no chunk kept between yields)."""
+    for rows, G in chunks:
+        yield slice(rows.start - start, rows.stop - start), G
+        del G

@@ -6,7 +6,8 @@ group. Hooks are called by keyword; an implementation may accept a subset of the
 
 Lifecycle sections:
 
-1. Registration — :func:`attribution_register_components` (called once per plugin manager).
+1. Registration — :func:`attribution_register_components` (called through ``pm.hook`` once per
+   implementing plugin when a registry is built, so ``ATTRIBUTION_TRACE_PLUGINS`` traces it).
 """
 
 from __future__ import annotations

@@ -18,37 +18,47 @@ Conventions (see ``docs/concepts.md``; they hold for every plugin):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-Batch = dict[str, Tensor]
-"""Named tensors sharing a leading batch dimension ``B``."""
+from attribution_core.batches import Batch, Forward, batch_size, index_batch
+from attribution_core.records import (
+    CurvatureProblem,
+    FitInputs,
+    MemorySink,
+    MethodParts,
+    Phase,
+    PlanSizes,
+    ScoreSink,
+    ScoringContext,
+    SinkFactory,
+)
 
-Forward = Callable[..., Tensor]
-"""The network's forward function (``model(*args)`` or a ``functional_call`` of it)."""
-
-
-def batch_size(batch: Mapping[str, Tensor]) -> int:
-    """Leading dimension shared by every tensor of ``batch``.
-
-    Raises:
-        ValueError: if the batch is empty or its tensors disagree on the leading dimension.
-    """
-    sizes = {k: v.shape[0] for k, v in batch.items()}
-    if not sizes:
-        raise ValueError("batch mismatch: expected at least one tensor, got an empty batch.")
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"batch mismatch: expected one leading dimension, got {sizes}.")
-    return next(iter(sizes.values()))
-
-
-def index_batch(batch: Mapping[str, Tensor], index: Any) -> Batch:
-    """``{k: v[index]}`` for every tensor of ``batch`` (slices, index tensors, masks)."""
-    return {k: v[index] for k, v in batch.items()}
+__all__ = [
+    "Batch",
+    "Curvature",
+    "CurvatureProblem",
+    "Executor",
+    "FitInputs",
+    "Forward",
+    "GradientCompressor",
+    "HessianApproximation",
+    "Measurement",
+    "MemorySink",
+    "MethodParts",
+    "Phase",
+    "PlanSizes",
+    "ScoreSink",
+    "Scorer",
+    "ScoringContext",
+    "SinkFactory",
+    "Task",
+    "batch_size",
+    "index_batch",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,32 +128,6 @@ class Measurement(ABC):
 # --------------------------------------------------------------------------------------------
 # Task
 # --------------------------------------------------------------------------------------------
-@dataclass
-class CurvatureProblem:
-    """What curvature back-ends (K-FAC, GGN-CG) need to see the task as ``loss(f(x), y)``.
-
-    ``H = scale · GGN`` of ``Σ_batches loss_function(model(inputs), targets)`` (+ the task's
-    regulariser) must equal the Hessian/GGN of ``L_D`` in the task's units.
-
-    Attributes:
-        model: maps ``inputs`` to **2-D** outputs ``(B, k)`` and shares parameters with the task
-            model (a thin wrapper, never a copy).
-        loss_function: ``nn.MSELoss(reduction="sum")`` or ``nn.CrossEntropyLoss(reduction="sum")``.
-        batches: ``batches(pass_index) -> iterable of (inputs, targets)``; each pass draws fresh
-            Monte-Carlo noise from a generator seeded by ``(seed, pass_index)``.
-        scale: multiplies the GGN of the summed loss (e.g. ``1/(N·S)``).
-        batch_size_fn: for dict inputs, returns the batch size of ``inputs``.
-        n_rows: number of rows (loss terms) in one pass.
-    """
-
-    model: nn.Module
-    loss_function: nn.Module
-    batches: Callable[[int], Iterable[tuple[Any, Tensor]]]
-    scale: float
-    batch_size_fn: Callable[[Any], int] | None = None
-    n_rows: int = 0
-
-
 class Task(ABC):
     """A model family and its data.
 
@@ -234,6 +218,17 @@ class Task(ABC):
         """
         raise NotImplementedError(f"task {self.name!r} does not expose a curvature problem")
 
+    @classmethod
+    def full_step_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The task options under which training on a subset takes as many steps as on all of D.
+
+        Harnesses that compare retrainings of different sizes at a fixed step count (the
+        counterfactual command) call this on the task's validated options before building the
+        retraining task. Default: the options unchanged (the task's step count does not depend
+        on the kept fraction). Tasks whose step count scales with ``Σw/N`` override it.
+        """
+        return dict(options)
+
     # ---- outputs -----------------------------------------------------------------------------
     def images(self, batch: Batch) -> Tensor | None:
         """``(B, C, H, W)`` images in [0, 1] for reports and similarity baselines, or None."""
@@ -259,10 +254,6 @@ class Curvature(ABC):
         return {}
 
 
-GradientSource = Callable[[], Iterator[tuple[slice, Tensor]]]
-"""Yields ``(rows, G)`` chunks of training gradients in a curvature's own space."""
-
-
 class HessianApproximation(ABC):
     """Fits a :class:`Curvature` of the training objective.
 
@@ -276,40 +267,37 @@ class HessianApproximation(ABC):
     space: ClassVar[Literal["parameter", "compressed"]] = "parameter"
 
     @abstractmethod
-    def fit(
-        self,
-        model: nn.Module,
-        task: Task,
-        train_measurement: Measurement,
-        seed: int,
-        *,
-        params: Mapping[str, Tensor],
-        train_gradients: GradientSource,
-        cache_dir: str | None = None,
-        progress: bool = False,
-    ) -> Curvature:
-        """Fit the curvature at ``model``'s parameters.
+    def fit(self, inputs: FitInputs) -> Curvature:
+        """Fit the (damped) curvature at ``inputs.model``'s parameters.
 
         Args:
-            model: the trained model (eval mode).
-            task: its task (data, curvature hooks, regulariser).
-            train_measurement: the method's ``train_function``.
-            seed: seed for every random choice of the fit (MC targets, noise).
-            params: the included parameters, ``name -> tensor`` (the parameter space's order).
-            train_gradients: training gradients in this approximation's ``space`` (used by
-                empirical / projected Fisher fits; others may ignore it).
-            cache_dir: where fitted factors may be cached (None = no caching).
-            progress: show progress bars.
+            inputs: the model, task, functions, seed and gradient stream (see :class:`FitInputs`).
+
+        Returns:
+            A :class:`Curvature` whose ``solve`` acts in this approximation's ``space``.
         """
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able facts about the approximation before fitting (recorded in plans)."""
+        return {"name": self.name, "space": self.space}
 
 
 # --------------------------------------------------------------------------------------------
 # GradientCompressor
 # --------------------------------------------------------------------------------------------
 class GradientCompressor(ABC):
-    """Maps gradients ``(n, p) -> (n, k)`` (``k = p`` for dequantised int8 and ``none``)."""
+    """Maps gradients ``(n, p) -> (n, k)`` (``k = p`` for dequantised int8 and ``none``).
+
+    Attributes:
+        name: registry name.
+        sketch: True for compressors that map into a smaller space and must therefore be
+            applied to **both** sides of an inner product (random projections: the training
+            gradients become ``Φᵀ g_j``); False for compressors that only perturb the query side
+            (``none``, ``int8``: the training gradients stay ``g_j``).
+    """
 
     name: ClassVar[str] = "compressor"
+    sketch: ClassVar[bool] = False
 
     def fit(self, n_params: int, seed: int, *, layout: Sequence[tuple[str, int]] = ()) -> None:  # noqa: B027
         """Prepare for ``p = n_params`` inputs; ``layout`` lists ``(tensor name, numel)`` in order.
@@ -337,47 +325,38 @@ class GradientCompressor(ABC):
 # --------------------------------------------------------------------------------------------
 # Scorer
 # --------------------------------------------------------------------------------------------
-@dataclass
-class ScoringContext:
-    """Everything a scorer may use besides the task, model and queries.
-
-    Attributes:
-        seed: the method's seed (MC draws of gradients, projections).
-        target: the run's target measurement.
-        cache_dir: where scorers may cache reusable work (gradients, factors); None = no cache.
-        chunk_size: training examples per gradient chunk.
-        progress: show progress bars.
-        executor: runs independent jobs (retraining) locally or on Ray.
-        timings: phase name -> seconds; scorers add their phases here.
-        info: free-form JSON-able facts recorded in the manifest.
-    """
-
-    seed: int
-    target: Measurement
-    cache_dir: Any = None
-    chunk_size: int = 64
-    progress: bool = False
-    executor: Executor | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 class Scorer(ABC):
     """Produces ``scores: (n_train, n_query)`` and predicts subset retraining from them.
+
+    A scorer is built by its registered factory as ``factory(parts: MethodParts, **options)``.
 
     Attributes:
         uses_oracle: True for retraining oracles whose subset predictions are models trained
             on each mask; the harness then passes the suite's stored ``oracle`` predictions.
+        accepts: which components the scorer composes (``"hessian"``, ``"compressor"``); a
+            method giving it any other component fails before work.
+        gradient_based: True when the scores are functions of one trained model's gradients,
+            so that ``ensemble: {models: M}`` may average them over independently trained models.
     """
 
     name: ClassVar[str] = "scorer"
     uses_oracle: ClassVar[bool] = False
+    accepts: ClassVar[frozenset[str]] = frozenset()
+    gradient_based: ClassVar[bool] = False
 
     @abstractmethod
     def scores(
         self, task: Task, model: nn.Module, queries: Batch, context: ScoringContext
     ) -> Tensor:
         """``(n_train, n_query)`` scores under the sign convention of this module."""
+
+    def plan(self, sizes: PlanSizes) -> list[Phase]:
+        """The phases :meth:`scores` would run for ``sizes``, without running them.
+
+        Default: one phase holding the ``(N, Q)`` scores.
+        """
+        shape = (sizes.n_train, sizes.n_query)
+        return [Phase("scores", sizes.n_train, shape, shape[0] * shape[1] * sizes.itemsize)]
 
     def predict_subsets(
         self, masks: Tensor, scores: Tensor, *, oracle: Tensor | None = None

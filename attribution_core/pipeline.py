@@ -1,16 +1,19 @@
 """``attribute(config) -> AttributionResult``: the one path from a config to scores.
 
-config → registry resolves every name and option (all errors before any work) → Task builds or
-loads the model and the queries → per method: Scorer (Hessian.fit → gradients → compressor →
-scores) → ``OUT/<label>/scores.npy`` + ``manifest.json``.
+config → :func:`resolve` validates every name and option once (all errors before any work) into
+a read-only :class:`Resolved` → the Task builds or loads the model and the queries → each method
+is built once (:func:`attribution_core.build.build_method`) and scored → ``OUT/<label>/
+scores.npy`` + ``manifest.json``. ``bench``, ``counterfactual`` and ``suite build`` resolve
+their config once and hand the :class:`Resolved` to :func:`attribute`.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,33 +22,68 @@ import numpy as np
 import torch
 from torch import nn
 
+from attribution_core.build import Method, build_measurement, build_method
 from attribution_core.config import (
+    DTYPES,
     MeasurementConfig,
     RunConfig,
     as_measurement,
+    label_of,
     load_config,
 )
 from attribution_core.errors import ConfigError, DataError
-from attribution_core.gradients import cache_key, model_fingerprint
-from attribution_core.interfaces import Batch, Measurement, ScoringContext, Task, batch_size
-from attribution_core.methods import ResolvedMethod, resolve_method
+from attribution_core.gradient_cache import model_fingerprint
+from attribution_core.interfaces import (
+    Batch,
+    Executor,
+    Measurement,
+    ScoringContext,
+    Task,
+    batch_size,
+)
+from attribution_core.methods import MethodSpec, resolve_method
+from attribution_core.models import load_model, trained_model
 from attribution_core.precision import run_precision
 from attribution_core.registry import Registry, get_registry
-from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from attribution_core.storage import atomic_save_npy, atomic_write_json
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resolved:
-    """A validated run: the config, its registry, task options and resolved methods."""
+    """A validated run (read-only): the config, its registry, task options and method specs."""
 
     config: RunConfig
     registry: Registry
     task_options: dict[str, Any]
     target: MeasurementConfig
     target_options: dict[str, Any]
-    methods: list[ResolvedMethod]
+    methods: tuple[MethodSpec, ...]
+
+    def only(self, labels: set[str] | list[str]) -> Resolved:
+        """The same run restricted to the methods with these labels (config included)."""
+        keep = set(labels)
+        entries = [e for e in self.config.methods if label_of(e) in keep]
+        return replace(
+            self,
+            config=self.config.model_copy(update={"methods": entries}),
+            methods=tuple(m for m in self.methods if m.label in keep),
+        )
+
+    def rebind(self, config: RunConfig) -> Resolved:
+        """The same resolved methods with another model/queries/evaluation section.
+
+        Only sections that resolution does not read may differ (``model``, ``queries``,
+        ``evaluation``, ``executor`` options are re-validated by their users).
+        """
+        return replace(self, config=config)
+
+    def oracle_labels(self) -> set[str]:
+        """Labels of methods whose predictions are the suite's retrained oracle models."""
+        return {
+            m.label
+            for m in self.methods
+            if getattr(self.registry.get("scorer", m.scorer.name).factory, "uses_oracle", False)
+        }
 
 
 @dataclass
@@ -57,6 +95,8 @@ class AttributionResult:
         manifests: label -> the manifest written to ``OUT/<label>/manifest.json``.
         task, model, queries: what was attributed (for further use from Python).
         out: output directory, or None.
+        methods: label -> the built :class:`~attribution_core.build.Method` (None when its
+            finished output was reused).
     """
 
     scores: dict[str, np.ndarray]
@@ -66,6 +106,7 @@ class AttributionResult:
     queries: Batch
     out: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    methods: dict[str, Method | None] = field(default_factory=dict)
 
 
 def resolve(
@@ -97,19 +138,10 @@ def resolve(
     reg.validate_options(
         "executor", config.executor.name, config.executor.options, where="executor"
     )
-    methods = [
+    methods = tuple(
         resolve_method(m, reg, run_seed=config.seed, where=f"methods[{i}]")
         for i, m in enumerate(config.methods)
-    ]
-    for i, m in enumerate(methods):
-        for role, ref in (
-            ("train_function", m.train_function_config),
-            ("query_function", m.query_function_config),
-        ):
-            if ref is not None:
-                reg.validate_options(
-                    "measurement", ref.name, ref.options, where=f"methods[{i}].{role}"
-                )
+    )
     return Resolved(config, reg, task_opts, target, target_opts, methods)
 
 
@@ -121,64 +153,11 @@ def build_task(resolved: Resolved) -> Task:
     )
 
 
-def build_measurement(
-    registry: Registry, task: Task, ref: MeasurementConfig, where: str
-) -> Measurement:
-    """Instantiate a measurement for ``task``."""
-    return registry.create("measurement", ref.name, task, where=where, **ref.options)
-
-
-def build_method(resolved: Resolved, method: ResolvedMethod, task: Task, index: int) -> Any:
-    """Fill in the method's components and return its scorer."""
-    reg = resolved.registry
-    where = f"methods[{index}]"
-    if method.hessian_name:
-        method.hessian = reg.create(
-            "hessian", method.hessian_name, where=where, **method.hessian_options
-        )
-    if method.compressor_name:
-        method.compressor = reg.create(
-            "compressor", method.compressor_name, where=where, **method.compressor_options
-        )
-    method.train_function = build_measurement(
-        reg, task, method.train_function_config, f"{where}.train_function"
-    )
-    if method.query_function_config is not None:
-        method.query_function = build_measurement(
-            reg, task, method.query_function_config, f"{where}.query_function"
-        )
-    return reg.get("scorer", method.scorer_name).factory(method, **method.scorer_options)
-
-
 def load_or_train_model(task: Task, config: RunConfig) -> nn.Module:
     """Load ``model.path`` (safetensors), else train from ``model.seed`` (cached if cache_dir)."""
     if config.model.path:
-        from safetensors.torch import load_file
-
-        path = Path(config.model.path)
-        if not path.is_file():
-            raise DataError(f"model.path: {str(path)!r} does not exist; give a .safetensors file")
-        model = task.build_model(config.model.seed)
-        try:
-            model.load_state_dict(load_file(str(path)))
-        except RuntimeError as exc:
-            raise DataError(
-                f"model.path: {str(path)!r} does not fit task {task.name!r}: {exc}"
-            ) from None
-        return model.to(task.device).eval()
-    if config.cache_dir:
-        key = cache_key(task=task.describe(), seed=config.model.seed, dtype=config.dtype)
-        path = Path(config.cache_dir) / "models" / f"{key}.safetensors"
-        if path.is_file():
-            from safetensors.torch import load_file
-
-            model = task.build_model(config.model.seed)
-            model.load_state_dict(load_file(str(path)))
-            return model.to(task.device).eval()
-        model = task.base_model(config.model.seed).eval()
-        save_tensors(path, model.state_dict(), {"task": json.dumps(task.describe(), default=str)})
-        return model
-    return task.base_model(config.model.seed).eval()
+        return load_model(task, config.model.path, config.model.seed)
+    return trained_model(task, config.model.seed, config.cache_dir)
 
 
 def load_queries(task: Task, model: nn.Module, config: RunConfig) -> Batch:
@@ -221,19 +200,33 @@ def check_query_shapes(train: Batch, queries: Batch) -> None:
     batch_size({k: queries[k] for k in shared})
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python, torch, numpy and this package (recorded in manifests)."""
+def versions(registry: Registry | None = None) -> dict[str, str]:
+    """Versions of Python, torch, numpy, this package, each loaded plugin's distribution and
+    every installed package those distributions require (recorded in manifests)."""
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for dist in ("attribution-framework", "curvlinops-for-pytorch", "traker", "open_clip_torch"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+    dists = {"attribution-framework"}
+    if registry is not None:
+        dists |= {p["distribution"] for p in registry.plugin_info() if p["distribution"]}
+    for dist in sorted(dists):
+        for name in [dist, *_requirements(dist)]:
+            try:
+                out.setdefault(name, metadata.version(name))
+            except metadata.PackageNotFoundError:
+                pass
     return out
 
 
+def _requirements(dist: str) -> list[str]:
+    """Names of the distributions ``dist`` requires (extras included)."""
+    try:
+        reqs = metadata.requires(dist) or []
+    except metadata.PackageNotFoundError:
+        return []
+    return [m.group(0) for r in reqs if (m := re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", r))]
+
+
 def attribute(
-    config: str | Path | dict[str, Any] | RunConfig,
+    config: str | Path | dict[str, Any] | RunConfig | Resolved,
     *,
     out: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -247,19 +240,26 @@ def attribute(
     method and inputs is not recomputed (resume at method granularity).
 
     Args:
-        config: YAML path, dict or :class:`RunConfig`.
+        config: YAML path, dict, :class:`RunConfig`, or an already :class:`Resolved` run
+            (what ``bench``/``counterfactual`` pass: nothing is resolved twice).
         out: output directory (None: nothing written).
-        overrides: ``--set``-style ``"a.b=c"`` strings.
+        overrides: ``--set``-style ``"a.b=c"`` strings (not with a :class:`Resolved`).
         registry: a registry (default: a fresh one from the installed entry points).
         progress: show progress bars.
         task: a :class:`Task` object (e.g. :class:`attribution_core.wrap.ModuleTask`) used
-            instead of ``config.task``.
+            instead of ``config.task`` (or the task the caller already built).
 
     Returns:
         :class:`AttributionResult` with ``scores[label]: (n_train, n_query)``.
     """
-    cfg = load_config(config, overrides)
-    resolved = resolve(cfg, registry, task_given=task is not None)
+    if isinstance(config, Resolved):
+        if overrides:
+            raise ConfigError("attribute: --set overrides apply to a config, not a resolved run")
+        resolved = config
+    else:
+        cfg = load_config(config, overrides)
+        resolved = resolve(cfg, registry, task_given=task is not None)
+    cfg = resolved.config
     torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
 
@@ -270,73 +270,106 @@ def attribute(
     t0 = time.perf_counter()
     queries = load_queries(task, model, cfg)
     timings["queries"] = time.perf_counter() - t0
-    target = build_measurement(resolved.registry, task, resolved.target, "target")
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         save_queries(out_dir, queries)
-
-    executor = resolved.registry.create(
-        "executor", cfg.executor.name, where="executor", **cfg.executor.options
+    reg = resolved.registry
+    run = _Run(
+        resolved,
+        task,
+        model,
+        queries,
+        build_measurement(reg, task, resolved.target, "target"),
+        reg.create("executor", cfg.executor.name, where="executor", **cfg.executor.options),
+        out_dir,
+        timings,
+        progress,
     )
-    fingerprint = model_fingerprint(model)
-    scores: dict[str, np.ndarray] = {}
-    manifests: dict[str, dict[str, Any]] = {}
-    for i, method in enumerate(resolved.methods):
+    result = AttributionResult({}, {}, task, model, queries, out_dir, timings)
+    for i, spec in enumerate(resolved.methods):
+        arr, manifest, method = run.method(spec, i)
+        result.scores[spec.label] = arr
+        result.manifests[spec.label] = manifest
+        result.methods[spec.label] = method
+    return result
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every method of one ``attribute`` call shares (built once)."""
+
+    resolved: Resolved
+    task: Task
+    model: nn.Module
+    queries: Batch
+    target: Measurement
+    executor: Executor
+    out: Path | None
+    timings: dict[str, float]
+    progress: bool
+
+    def identity(self, spec: MethodSpec) -> dict[str, Any]:
+        """What defines a method's output (a finished output with the same identity is reused)."""
+        cfg = self.resolved.config
         identity = {
-            "method": method.describe(),
-            "task": task.describe(),
-            "target": {"name": resolved.target.name, **resolved.target_options},
-            "model": fingerprint,
+            "method": spec.describe(),
+            "task": self.task.describe(),
+            "target": {"name": self.resolved.target.name, **self.resolved.target_options},
+            "model": model_fingerprint(self.model),
             "queries": cfg.queries.model_dump(),
             "dtype": cfg.dtype,
         }
         if cfg.precision != "float32":  # float32 identities (and finished outputs) unchanged
             identity["precision"] = cfg.precision
-        if out_dir is not None and (done := _finished(out_dir / method.label, identity)):
-            scores[method.label], manifests[method.label] = done
-            continue
-        scorer = build_method(resolved, method, task, i)
+        return identity
+
+    def method(
+        self, spec: MethodSpec, index: int
+    ) -> tuple[np.ndarray, dict[str, Any], Method | None]:
+        """Score one method (or reuse its finished output): ``(scores, manifest, method)``."""
+        cfg, reg = self.resolved.config, self.resolved.registry
+        identity = self.identity(spec)
+        if self.out is not None and (done := _finished(self.out / spec.label, identity)):
+            return (*done, None)
+        method = build_method(spec, reg, self.task, where=f"methods[{index}]")
         context = ScoringContext(
-            seed=method.seed,
-            target=target,
+            target=self.target,
             cache_dir=cfg.cache_dir,
             chunk_size=cfg.chunk_size,
-            progress=progress,
-            executor=executor,
+            progress=self.progress,
+            executor=self.executor,
         )
         t0 = time.perf_counter()
-        with run_precision(cfg.precision, task.device) as precision:
-            s = scorer.scores(task, model, queries, context)
+        with run_precision(cfg.precision, self.task.device) as precision:
+            s = method.scorer.scores(self.task, self.model, self.queries, context)
         context.timings["total"] = time.perf_counter() - t0
         arr = s.detach().cpu().numpy()
         if cfg.dtype == "float32":
             arr = arr.astype(np.float32)
         manifest = {
-            "label": method.label,
+            "label": spec.label,
             "identity": identity,
             "config": cfg.model_dump(mode="json"),
             "seeds": {
                 "run": cfg.seed,
-                "method": method.seed,
+                "method": spec.seed,
                 "model": cfg.model.seed,
                 "queries": cfg.queries.seed,
             },
             "threads": torch.get_num_threads(),
-            "device": str(task.device),
+            "device": str(self.task.device),
             "precision": precision,
             "shape": list(arr.shape),
             "sign": "positive = removing the training example raises the target on the query",
-            "timings": {**timings, **context.timings},
+            "timings": {**self.timings, **context.timings},
             "info": context.info,
-            "versions": versions(),
-            "plugins": resolved.registry.plugin_info(),
+            "versions": versions(reg),
+            "plugins": reg.plugin_info(),
         }
-        if out_dir is not None:
-            atomic_save_npy(out_dir / method.label / "scores.npy", arr.astype(np.float32))
-            atomic_write_json(out_dir / method.label / "manifest.json", manifest)
-        scores[method.label] = arr
-        manifests[method.label] = manifest
-    return AttributionResult(scores, manifests, task, model, queries, out_dir, timings)
+        if self.out is not None:
+            atomic_save_npy(self.out / spec.label / "scores.npy", arr.astype(np.float32))
+            atomic_write_json(self.out / spec.label / "manifest.json", manifest)
+        return arr, manifest, method
 
 
 def _finished(

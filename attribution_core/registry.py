@@ -1,8 +1,9 @@
 """Plugin manager and component registry.
 
 ``get_registry()`` builds a fresh :class:`Registry` every call (never an import-time global):
-``add_hookspecs`` → load the ``attribution_core`` entry points (builtins included) → register any
-explicitly passed plugins → ``check_pending()`` → collect components.
+``add_hookspecs`` → load the ``builtin`` entry point → load the other ``attribution_core`` entry
+points → register any explicitly passed plugins → ``check_pending()`` → collect components by
+calling ``attribution_register_components`` through pluggy, once per plugin.
 
 Environment variables:
     ATTRIBUTION_LOAD_PLUGINS: comma-separated allow-list of entry-point names to load
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -26,6 +27,10 @@ from attribution_core import hookspecs
 from attribution_core.errors import ConfigError
 
 ENTRY_POINT_GROUP = "attribution_core"
+BUILTIN = "builtin"
+"""Entry-point name of :mod:`attribution_core.builtin`: always loaded, even with
+``entry_points=False`` or an allow-list that omits it."""
+REGISTER_HOOK = "attribution_register_components"
 KINDS = ("task", "measurement", "hessian", "compressor", "scorer", "method", "executor")
 """Component kinds. Factories: task(**opts); measurement(task, **opts); hessian(**opts);
 compressor(**opts); scorer(method: ResolvedMethod); method: a ``MethodPreset`` (not called);
@@ -60,9 +65,9 @@ class Registry:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._components: dict[tuple[str, str], Component] = {}
-        for impl in pm.hook.attribution_register_components.get_hookimpls():
-            plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
-            for comp in impl.function() or []:
+        for plugin, components in _components_by_plugin(pm):
+            plugin_name = pm.get_name(plugin) or repr(plugin)
+            for comp in components:
                 self._add(comp, plugin_name)
 
     def _add(self, comp: Component, plugin_name: str) -> None:
@@ -143,11 +148,56 @@ class Registry:
         return out
 
 
+def _components_by_plugin(pm: pluggy.PluginManager) -> Iterator[tuple[Any, list[Component]]]:
+    """``(plugin, its components)`` for every plugin implementing :data:`REGISTER_HOOK`.
+
+    The hook is called through pluggy (a subset hook caller limited to one plugin), never by
+    calling the implementation directly, so tracing (``ATTRIBUTION_TRACE_PLUGINS``) and call
+    monitoring see every call while each component keeps the name of the plugin that returned
+    it. Plugins come in registration order (builtins first).
+    """
+    plugins = [impl.plugin for impl in getattr(pm.hook, REGISTER_HOOK).get_hookimpls()]
+    for plugin in plugins:
+        others = [p for p in plugins if p is not plugin]
+        for components in pm.subset_hook_caller(REGISTER_HOOK, remove_plugins=others)():
+            yield plugin, components
+
+
 def _allowed(name: str) -> bool:
     allow = os.environ.get("ATTRIBUTION_LOAD_PLUGINS")
-    if not allow or name == "builtin":
+    if not allow or name == BUILTIN:
         return True
     return name in {s.strip() for s in allow.split(",")}
+
+
+def _load_builtin(pm: pluggy.PluginManager) -> None:
+    """Register :mod:`attribution_core.builtin` through its entry point, like any plugin.
+
+    Raises:
+        ConfigError: the entry point is missing (the distribution is not installed).
+    """
+    if not metadata.entry_points(group=ENTRY_POINT_GROUP, name=BUILTIN):
+        raise ConfigError(
+            f"entry point {BUILTIN!r} of group {ENTRY_POINT_GROUP!r}: not found — the "
+            f"attribution-framework distribution is not installed in this environment "
+            f"({sys.executable}), so no builtin components can load — expected it to declare "
+            f'{BUILTIN} = "attribution_core.builtin" — run `pip install -e .` in the '
+            f"repository root"
+        )
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=BUILTIN)
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Load the other entry points of the group (allow-list applied); a failure names the plugin."""
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name) or not _allowed(ep.name):
+            continue
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+        except Exception as exc:  # a broken third-party plugin must name itself
+            raise ConfigError(
+                f"plugin {ep.name!r} (entry point {ep.value!r}) failed to load: {exc}"
+            ) from exc
 
 
 def get_plugin_manager(
@@ -157,25 +207,17 @@ def get_plugin_manager(
 
     Args:
         plugins: extra plugin objects/modules to register (tests, notebooks).
-        entry_points: load the ``attribution_core`` entry-point group. If False, only the
-            builtins and ``plugins`` are registered.
+        entry_points: load the whole ``attribution_core`` entry-point group. If False, only
+            its ``builtin`` entry point and ``plugins`` are registered.
+
+    Raises:
+        ConfigError: the ``builtin`` entry point is missing, or a plugin failed to load.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    _load_builtin(pm)
     if entry_points:
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if pm.has_plugin(ep.name) or pm.is_blocked(ep.name) or not _allowed(ep.name):
-                continue
-            try:
-                pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
-            except Exception as exc:  # a broken third-party plugin must name itself
-                raise ConfigError(
-                    f"plugin {ep.name!r} (entry point {ep.value!r}) failed to load: {exc}"
-                ) from exc
-    if not pm.has_plugin("builtin"):
-        from attribution_core import builtin
-
-        pm.register(builtin, name="builtin")
+        _load_entry_points(pm)
     for plugin in plugins:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
         if not pm.is_registered(plugin):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from attribution_core.registry import Registry, get_registry
 
@@ -48,3 +51,49 @@ def run_cli(*args: str) -> tuple[int, str]:
 
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, result.output
+
+
+def write_config(path: str | Path, config: Mapping[str, Any]) -> Path:
+    """Write ``config`` as a YAML file at ``path``; returns the path."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(dict(config)))
+    return path
+
+
+def run_attribute(config: Mapping[str, Any], out: str | Path, *args: str) -> tuple[int, str]:
+    """Write ``config`` to ``<out>.yaml`` and run ``attribution attribute <out>.yaml --out OUT
+    ARGS`` in-process: ``(exit_code, stdout + stderr)``."""
+    out = Path(out)
+    path = write_config(out.with_name(f"{out.name}.yaml"), config)
+    return run_cli("attribute", str(path), "--out", str(out), *args)
+
+
+def build_scorer(entry: Any, task: Any, *, seed: int = 0, registry: Registry | None = None) -> Any:
+    """The scorer of one method entry (a name or a ``{name, ...}`` dict), built for ``task``.
+
+    Resolves and builds exactly as ``attribute`` does (``resolve_method`` then ``build_method``).
+    """
+    from attribution_core.build import build_method
+    from attribution_core.config import MethodConfig
+    from attribution_core.methods import resolve_method
+
+    reg = registry or get_registry()
+    cfg = MethodConfig(name=entry) if isinstance(entry, str) else MethodConfig(**dict(entry))
+    spec = resolve_method(cfg, reg, run_seed=seed, where="methods[0]")
+    return build_method(spec, reg, task).scorer
+
+
+class MatrixStream:
+    """Training gradients from an in-memory ``(n, k)`` matrix, in the form ``FitInputs``
+    gives them (``chunks()`` yields ``(rows, G)``): for testing Hessians on given rows."""
+
+    def __init__(self, matrix: torch.Tensor, chunk_size: int = 64) -> None:
+        self.matrix = matrix
+        self.chunk_size = chunk_size
+
+    def chunks(self, *, progress: bool = False, desc: str = "") -> Any:
+        """Yield ``(rows, matrix[rows])`` in chunks of ``chunk_size``."""
+        n = self.matrix.shape[0]
+        for start in range(0, n, self.chunk_size):
+            rows = slice(start, min(start + self.chunk_size, n))
+            yield rows, self.matrix[rows]

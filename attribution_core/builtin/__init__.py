@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from attribution_core.builtin.compressors import Int8Compression, NoCompression
-from attribution_core.builtin.executors import LocalExecutor, LocalOptions
+from attribution_core.builtin.executors import (
+    LocalExecutor,
+    LocalOptions,
+    RayExecutor,
+    RayOptions,
+)
 from attribution_core.builtin.hessians import (
     DenseHessian,
     DenseOptions,
@@ -17,7 +22,6 @@ from attribution_core.builtin.scorers import (
     InfluenceScorer,
     SimilarityOptions,
 )
-from attribution_core.evaluation.executors import RayExecutor, RayOptions
 from attribution_core.hookspecs import hookimpl
 from attribution_core.methods import MethodPreset
 from attribution_core.registry import Component
@@ -98,9 +102,7 @@ def attribution_register_components() -> list[Component]:
         Component(
             "method",
             "grad-cosine",
-            MethodPreset(
-                "grad-cosine", "gradient-similarity", None, "none", help="Gradient cosine."
-            ),
+            MethodPreset("grad-cosine", "gradient-similarity", help="Gradient cosine."),
             "Cosine similarity of loss gradients.",
         ),
         Component(

@@ -14,7 +14,7 @@ from attribution_core.errors import ConfigError, NumericalError
 from attribution_core.gradients import example_noise
 from attribution_core.interfaces import (
     Curvature,
-    GradientSource,
+    FitInputs,
     HessianApproximation,
     Measurement,
     Task,
@@ -69,18 +69,8 @@ class IdentityHessian(HessianApproximation):
     def __init__(self, damping: float = 0.0, damping_mode: str = "absolute") -> None:
         self.damping = damping
 
-    def fit(
-        self,
-        model,
-        task,
-        train_measurement,
-        seed,
-        *,
-        params,
-        train_gradients,
-        cache_dir=None,
-        progress=False,
-    ) -> Curvature:
+    def fit(self, inputs: FitInputs) -> Curvature:
+        """``(1 + λ)⁻¹ I``: nothing to fit."""
         return ScaledIdentity(self.damping)
 
 
@@ -129,19 +119,9 @@ class DenseHessian(HessianApproximation):
         self.max_params = max_params
         self.n_samples = n_samples
 
-    def fit(
-        self,
-        model: nn.Module,
-        task: Task,
-        train_measurement: Measurement,
-        seed: int,
-        *,
-        params: Mapping[str, Tensor],
-        train_gradients: GradientSource,
-        cache_dir: str | None = None,
-        progress: bool = False,
-    ) -> Curvature:
+    def fit(self, inputs: FitInputs) -> Curvature:
         """Build ``H`` (``dense_hessian``/``dense_ggn``) and factor ``H + λI``."""
+        model, task, params, seed = inputs.model, inputs.task, inputs.params, inputs.seed
         p = sum(v.numel() for v in params.values())
         if p > self.max_params:
             raise ConfigError(
@@ -149,7 +129,7 @@ class DenseHessian(HessianApproximation):
                 f"use kfac/ekfac/ggn-cg, or raise max_params"
             )
         if self.curvature == "hessian":
-            H = dense_hessian(model, task, train_measurement, params, seed)
+            H = dense_hessian(model, task, inputs.train_function, params, seed)
         else:
             H = dense_ggn(model, task, params, seed, self.n_samples)
         damping = self.damping

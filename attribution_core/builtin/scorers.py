@@ -1,8 +1,8 @@
 """Builtin scorers: ``influence`` (composes Hessian + compressor) and ``gradient-similarity``.
 
-Influence composition (see the design):
+Influence composition (see :mod:`attribution_core.composition`):
 
-* parameter space: ``q = C(H⁻¹ g_q)``, ``t = g_j``
+* parameter space: ``q = C(H⁻¹ g_q)``, ``t = g_j`` (``t = C(g_j)`` for a sketch ``C``)
 * compressed space: ``q = H⁻¹ C(g_q)``, ``t = C(g_j)``
 
 ``scores[j, i] = t_j · q_i`` computed chunk by chunk over the training set.
@@ -20,22 +20,19 @@ from torch import Tensor, nn
 from attribution_core.builtin.compressors import NoCompression
 from attribution_core.builtin.hessians import IdentityHessian
 from attribution_core.errors import ConfigError
-from attribution_core.gradients import (
-    GradientCache,
-    gradient_chunks,
-    layout_of,
-    select_parameters,
-    stack_gradients,
-)
+from attribution_core.gradient_cache import GradientCache
+from attribution_core.gradients import GradientStream, layout_of, select_parameters
 from attribution_core.interfaces import (
     Batch,
+    FitInputs,
     GradientCompressor,
+    MethodParts,
+    Phase,
+    PlanSizes,
     Scorer,
     ScoringContext,
     Task,
-    batch_size,
 )
-from attribution_core.methods import ResolvedMethod
 
 
 class InfluenceOptions(BaseModel):
@@ -54,17 +51,22 @@ class SimilarityOptions(BaseModel):
 
 
 class _GradientScorer(Scorer):
-    """Shared set-up: parameters, measurements, compressor, cache."""
+    """Shared set-up: parameters, measurements, compressor, gradient streams."""
 
-    def __init__(self, method: ResolvedMethod, **options: Any) -> None:
-        self.method = method
+    gradient_based = True
+
+    def __init__(self, parts: MethodParts, **options: Any) -> None:
+        self.parts = parts
         self.options = options
 
-    def _setup(self, model: nn.Module, context: ScoringContext):
+    def _setup(
+        self, task: Task, model: nn.Module, queries: Batch, context: ScoringContext
+    ) -> tuple[GradientCompressor, GradientStream, GradientStream]:
+        """``(compressor, train stream, query stream)``; facts go to ``context.info``."""
         params, excluded = select_parameters(model)
         if not params:
             raise ConfigError(
-                f"method {self.method.label!r}: the model has no Linear/Conv2d parameters to "
+                f"method {self.parts.label!r}: the model has no Linear/Conv2d parameters to "
                 f"attribute through; influence methods need at least one"
             )
         layout = layout_of(params)
@@ -73,78 +75,65 @@ class _GradientScorer(Scorer):
             "n_params": sum(k for _, k in layout),
             "excluded": excluded,
         }
-        compressor: GradientCompressor = self.method.compressor or NoCompression()
-        compressor.fit(sum(k for _, k in layout), self.method.seed, layout=layout)
+        compressor: GradientCompressor = self.parts.compressor or NoCompression()
+        compressor.fit(sum(k for _, k in layout), self.parts.seed, layout=layout)
         context.info["compressor"] = compressor.describe()
         use_cache = context.cache_dir is not None and self.options.get(
             "cache_train_gradients", True
         )
-        cache = GradientCache(context.cache_dir) if use_cache else None
-        query_fn = self.method.query_function or context.target
-        return params, compressor, cache, query_fn
+        common = {"params": params, "seed": self.parts.seed, "chunk_size": context.chunk_size}
+        train = GradientStream(
+            model,
+            self.parts.train_function,
+            task.train_data(),
+            stream="train",
+            cache=GradientCache(context.cache_dir) if use_cache else None,
+            **common,
+        )
+        query = GradientStream(
+            model, self.parts.query_function or context.target, queries, stream="query", **common
+        )
+        return compressor, train, query
 
 
 class InfluenceScorer(_GradientScorer):
-    """``score_j = C-composed ∇m(θ, x_q)ᵀ (H + λI)⁻¹ ∇ℓ(θ, x_j)`` (paper eq. 6)."""
+    """``score_j = C-composed ∇m(θ, x_q)ᵀ (H + λI)⁻¹ ∇ℓ(θ, x_j)`` (paper eq. 6).
+
+    Composition (:mod:`attribution_core.composition`): a parameter-space Hessian gives
+    ``q = C(H⁻¹ g_q)`` with ``t = g_j`` — or ``t = C(g_j)`` when ``C`` is a sketch (a random
+    projection); a compressed-space Hessian gives ``q = H⁻¹ C(g_q)``, ``t = C(g_j)``.
+    """
 
     name = "influence"
+    accepts = frozenset({"hessian", "compressor"})
 
     def scores(
         self, task: Task, model: nn.Module, queries: Batch, context: ScoringContext
     ) -> Tensor:
-        """``(n_train, n_query)`` influence scores."""
-        params, compressor, cache, query_fn = self._setup(model, context)
-        train_fn = self.method.train_function
-        hess = self.method.hessian or IdentityHessian()
-        seed = self.method.seed
+        """``(n_train, n_query)`` influence scores, written into ``context.sink``."""
+        compressor, train, query = self._setup(task, model, queries, context)
+        hess = self.parts.hessian or IdentityHessian()
         compressed = hess.space == "compressed"
-        data = task.train_data()
-
-        def train_source(progress: bool = False, desc: str = "train gradients"):
-            return gradient_chunks(
-                model,
-                train_fn,
-                data,
-                params,
-                seed=seed,
-                stream="train",
-                chunk_size=context.chunk_size,
-                progress=progress and context.progress,
-                desc=desc,
-                cache=cache,
-                transform=compressor.compress if compressed else None,
-                transform_key=compressor.describe() if compressed else None,
-                transform_rows=compressor.preferred_rows() if compressed else 0,
-            )
+        train_side = train.compressed(compressor) if compressed or compressor.sketch else train
 
         t0 = time.perf_counter()
         curvature = hess.fit(
-            model,
-            task,
-            train_fn,
-            seed,
-            params=params,
-            train_gradients=lambda: train_source(True, "fit: train gradients"),
-            cache_dir=context.cache_dir,
-            progress=context.progress,
+            FitInputs(
+                model=model,
+                task=task,
+                train_function=self.parts.train_function,
+                seed=self.parts.seed,
+                params=train.params,
+                train_gradients=train.compressed(compressor) if compressed else train,
+                cache_dir=context.cache_dir,
+                progress=context.progress,
+            )
         )
         context.timings["fit"] = time.perf_counter() - t0
         context.info["curvature"] = curvature.describe()
 
         t0 = time.perf_counter()
-        Gq = stack_gradients(
-            gradient_chunks(
-                model,
-                query_fn,
-                queries,
-                params,
-                seed=seed,
-                stream="query",
-                chunk_size=context.chunk_size,
-                desc="query gradients",
-            ),
-            n=batch_size(queries),
-        )
+        Gq = query.stack(desc="query gradients")
         Q = (
             curvature.solve(compressor.compress(Gq))
             if compressed
@@ -154,16 +143,22 @@ class InfluenceScorer(_GradientScorer):
         context.timings["query_gradients"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        out = torch.empty(task.n_train, Q.shape[0], dtype=Q.dtype, device=Q.device)
-        for rows, T in train_source(True, "train gradients + scores"):
-            out[rows] = T.to(Q.dtype) @ Q.T
+        sink = context.sink(task.n_train, Q.shape[0], Q.dtype, Q.device)
+        for rows, T in train_side.chunks(
+            progress=context.progress, desc="train gradients + scores"
+        ):
+            sink.write(rows, T.to(Q.dtype) @ Q.T)
             del T  # one training-gradient chunk alive at a time
         context.timings["train_gradients_and_scores"] = time.perf_counter() - t0
-        return out
+        return sink.result()
+
+    def plan(self, sizes: PlanSizes) -> list[Phase]:
+        """Fit, query gradients, training gradients + scores (sizes only; nothing runs)."""
+        return gradient_plan(sizes, self.parts, fit=True)
 
 
 class GradientSimilarityScorer(_GradientScorer):
-    """Cosine similarity of (compressed) gradients: ``cos(C(g_j), C(g_q))`` (no Hessian)."""
+    """Cosine similarity of gradients: ``cos(g_j, g_q)`` (no Hessian, no compressor)."""
 
     name = "gradient-similarity"
 
@@ -171,44 +166,42 @@ class GradientSimilarityScorer(_GradientScorer):
         self, task: Task, model: nn.Module, queries: Batch, context: ScoringContext
     ) -> Tensor:
         """``(n_train, n_query)`` cosine similarities in [-1, 1]."""
-        params, compressor, cache, query_fn = self._setup(model, context)
-        seed = self.method.seed
+        compressor, train, query = self._setup(task, model, queries, context)
         t0 = time.perf_counter()
-        Q = compressor.compress(
-            stack_gradients(
-                gradient_chunks(
-                    model,
-                    query_fn,
-                    queries,
-                    params,
-                    seed=seed,
-                    stream="query",
-                    chunk_size=context.chunk_size,
-                ),
-                n=batch_size(queries),
-            )
-        )
+        Q = compressor.compress(query.stack())
         Q = Q / Q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(Q.dtype).tiny)
         context.timings["query_gradients"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = torch.empty(task.n_train, Q.shape[0], dtype=Q.dtype, device=Q.device)
-        for rows, T in gradient_chunks(
-            model,
-            self.method.train_function,
-            task.train_data(),
-            params,
-            seed=seed,
-            stream="train",
-            chunk_size=context.chunk_size,
-            progress=context.progress,
-            desc="train gradients + scores",
-            cache=cache,
-            transform=compressor.compress,
-            transform_key=compressor.describe(),
-            transform_rows=compressor.preferred_rows(),
+        sink = context.sink(task.n_train, Q.shape[0], Q.dtype, Q.device)
+        for rows, T in train.compressed(compressor).chunks(
+            progress=context.progress, desc="train gradients + scores"
         ):
             T = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
-            out[rows] = T.to(Q.dtype) @ Q.T
+            sink.write(rows, T.to(Q.dtype) @ Q.T)
             del T
         context.timings["train_gradients_and_scores"] = time.perf_counter() - t0
-        return out
+        return sink.result()
+
+    def plan(self, sizes: PlanSizes) -> list[Phase]:
+        """Query gradients, training gradients + scores (sizes only; nothing runs)."""
+        return gradient_plan(sizes, self.parts, fit=False)
+
+
+def gradient_plan(sizes: PlanSizes, parts: MethodParts, *, fit: bool) -> list[Phase]:
+    """The phases of a gradient scorer for ``sizes`` (``p`` parameters, ``k`` compressed)."""
+    n, q, p, b = sizes.n_train, sizes.n_query, sizes.n_params, sizes.itemsize
+    phases = []
+    if fit:
+        hess = parts.hessian.name if parts.hessian else "identity"
+        phases.append(Phase("fit", n, (p,), p * b, f"fit hessian {hess!r}"))
+    phases += [
+        Phase("query_gradients", q, (q, p), q * p * b, "per-example query gradients, solved"),
+        Phase(
+            "train_gradients_and_scores",
+            n,
+            (n, q),
+            (n * q + sizes.chunk_size * p) * b,
+            f"per-example training gradients in chunks of {sizes.chunk_size}, scores",
+        ),
+    ]
+    return phases

@@ -15,7 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attribution_core.config import RunConfig, as_measurement, label_of, load_config
+from attribution_core.build import build_method
+from attribution_core.config import (
+    ModelConfig,
+    QueriesConfig,
+    RunConfig,
+    as_measurement,
+    load_config,
+)
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation import lds as L
 from attribution_core.evaluation.runs import load_query_arrays, target_id
@@ -26,42 +33,37 @@ from attribution_core.evaluation.suite import (
     load_suite,
     require_task,
 )
+from attribution_core.interfaces import Scorer, Task
+from attribution_core.methods import MethodSpec
+from attribution_core.pipeline import (
+    AttributionResult,
+    Resolved,
+    attribute,
+    build_task,
+    load_queries,
+    resolve,
+)
+from attribution_core.registry import Registry
+from attribution_core.report.render import write_report
 from attribution_core.storage import atomic_save_npy, atomic_write_json
 
-LDS_COLUMNS = [
-    "label",
-    "method",
-    "target",
-    "damping",
-    "lds_mean",
-    "lds_stderr",
-    "lds_ci_low",
-    "lds_ci_high",
-    "n_queries",
-    "seconds",
-]
 
+def prepare(
+    cfg: RunConfig, out: Path, registry: Registry | None = None
+) -> tuple[Suite, str, Resolved, Task]:
+    """Resolve a bench config once and bind it to its suite, before any work.
 
-def damping_of(method: Any) -> float | None:
-    """The method's damping λ (hessian or scorer option), or None."""
-    for opts in (method.hessian_options, method.scorer_options):
-        if opts.get("damping") is not None:
-            return float(opts["damping"])
-    return None
-
-
-def prepare(cfg: RunConfig, out: Path) -> tuple[Suite, str, RunConfig]:
-    """Validate a bench config against its suite before any work; return the suite-bound config
-    (model = the suite's base model, queries = the suite's queries copied to ``out``).
+    Returns:
+        ``(suite, target id, resolved, task)`` — ``resolved`` is the config resolved once, with
+        model = the suite's base model and queries = the suite's queries copied to ``out``;
+        ``task`` is built (and its size checked against the suite's masks).
 
     Raises:
         ConfigError / DataError: no suite, missing suite, target not held, conflicting
-            ``evaluation.lds``, masks that do not fit the task.
+            ``evaluation.lds``, masks that do not fit the task, any invalid method.
     """
-    from attribution_core.pipeline import build_task, resolve
-
     require_task(cfg)
-    resolved = resolve(cfg)
+    resolved = resolve(cfg, registry)
     suite = load_suite(cfg.evaluation.suite)
     tid = target_id(as_measurement(cfg.target))
     if tid not in suite.targets:
@@ -72,21 +74,24 @@ def prepare(cfg: RunConfig, out: Path) -> tuple[Suite, str, RunConfig]:
     check_lds_block(cfg, suite)
     task = build_task(resolved)
     check_masks(suite, task.n_train)
-    data = cfg.model_dump(exclude_none=True)
-    data["model"] = {
-        "seed": suite.meta["config"]["model"]["seed"],
-        "path": str(suite.path / "base" / "model.safetensors"),
-    }
-    data["queries"] = {
-        "source": "file",
-        "path": str(out / "suite_queries.npz"),
-        "count": int(suite.meta["n_query"]),
-    }
+    bound = cfg.model_copy(
+        update={
+            "model": ModelConfig(
+                seed=suite.meta["config"]["model"]["seed"],
+                path=str(suite.path / "base" / "model.safetensors"),
+            ),
+            "queries": QueriesConfig(
+                source="file",
+                path=str(out / "suite_queries.npz"),
+                count=int(suite.meta["n_query"]),
+            ),
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".suite_queries.tmp.npz"
     np.savez(tmp, **load_query_arrays(suite.path / "queries"))
     tmp.replace(out / "suite_queries.npz")
-    return suite, tid, load_config(data)
+    return suite, tid, resolved.rebind(bound), task
 
 
 def bench(
@@ -102,43 +107,27 @@ def bench(
     Returns:
         The ``lds.csv`` table (one row per method).
     """
-    from attribution_core.pipeline import attribute, build_method, build_task, load_queries, resolve
-    from attribution_core.report.render import write_report
-
     cfg = load_config(config, overrides)
     out = Path(out)
-    suite, tid, bound = prepare(cfg, out)
+    suite, tid, resolved, task = prepare(cfg, out)
     t0 = time.perf_counter()
-    resolved = resolve(bound)
     # oracle scorers (exact retraining) are evaluated from the suite's oracle models: no training
-    oracle_labels = {
-        m.label
-        for m in resolved.methods
-        if getattr(resolved.registry.get("scorer", m.scorer_name).factory, "uses_oracle", False)
-    }
-    entries = [e for e in bound.methods if label_of(e) not in oracle_labels]
-    if entries:
-        result = attribute(
-            bound.model_copy(update={"methods": entries}), out=out, progress=progress
-        )
-        task, queries, scores_by, manifests = (
-            result.task,
-            result.queries,
-            result.scores,
-            result.manifests,
-        )
+    oracle_labels = resolved.oracle_labels()
+    scored = [m.label for m in resolved.methods if m.label not in oracle_labels]
+    if scored:
+        result = attribute(resolved.only(scored), out=out, progress=progress, task=task)
+        queries, scores_by, manifests = result.queries, result.scores, result.manifests
     else:
-        task = build_task(resolved)
-        queries = load_queries(task, task.build_model(0), bound)
+        queries = load_queries(task, task.build_model(0), resolved.config)
         scores_by, manifests = {}, {}
     truth = suite.truth(tid)
     masks = torch.as_tensor(suite.masks)
     idx = L.bootstrap_indices(truth.shape[0], n_boot, seed=cfg.seed)
     rows, boots, per_query = [], {}, {}
     for i, method in enumerate(resolved.methods):
-        scorer = build_method(resolved, method, task, i)
         t1 = time.perf_counter()
         if method.label in oracle_labels:
+            scorer = build_method(method, resolved.registry, task, where=f"methods[{i}]").scorer
             scores = torch.zeros(suite.masks.shape[1], truth.shape[2], dtype=torch.float64)
             oracle = torch.as_tensor(suite.oracle(tid), dtype=torch.float64)
             full = torch.as_tensor(suite.full(tid), dtype=torch.float64).mean(dim=0)
@@ -159,6 +148,7 @@ def bench(
                 },
             )
         else:
+            scorer = scorer_of(result, method, resolved.registry, task, i)
             scores = torch.as_tensor(scores_by[method.label], dtype=torch.float64)
             pred = scorer.predict_subsets(masks, scores)
             seconds = float(manifests[method.label]["timings"].get("total", math.nan))
@@ -172,12 +162,12 @@ def bench(
                 "label": method.label,
                 "method": method.name,
                 "target": tid,
-                "damping": damping_of(method),
+                "damping": None if (d := method.option("damping")) is None else float(d),
                 **s,
                 "seconds": seconds,
             }
         )
-    table = pd.DataFrame(rows, columns=LDS_COLUMNS)
+    table = pd.DataFrame(rows, columns=list(L.LDS_COLUMNS))
     table.to_csv(out / "lds.csv", index=False)
     pair = pd.DataFrame(L.pairwise(boots, {r["label"]: r["lds_mean"] for r in rows}))
     pair.to_csv(out / "pairwise.csv", index=False)
@@ -204,3 +194,13 @@ def bench(
     atomic_write_json(out / "bench.json", meta)
     write_report(out)
     return table
+
+
+def scorer_of(
+    result: AttributionResult, spec: MethodSpec, registry: Registry, task: Task, index: int
+) -> Scorer:
+    """The scorer ``attribute`` built for ``spec`` (built here when its output was reused)."""
+    method = result.methods.get(spec.label)
+    if method is not None:
+        return method.scorer
+    return build_method(spec, registry, task, where=f"methods[{index}]").scorer

@@ -26,16 +26,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from attribution_core.builtin.executors import make_executor
 from attribution_core.config import (
     CounterfactualConfig,
     RunConfig,
     as_measurement,
-    label_of,
     load_config,
 )
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation import regenerate as R
-from attribution_core.evaluation.executors import make_executor
+from attribution_core.evaluation.bench import prepare
 from attribution_core.evaluation.runs import (
     Job,
     Run,
@@ -46,6 +46,7 @@ from attribution_core.evaluation.runs import (
 )
 from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.interfaces import index_batch
+from attribution_core.pipeline import attribute, resolve
 from attribution_core.storage import atomic_save_npy, atomic_write_json
 
 CF_COLUMNS = [
@@ -74,12 +75,22 @@ random removal, and for the full-data models (the seed-noise baseline)."""
 
 
 def _same_steps(cfg: RunConfig, registry: Any) -> tuple[RunConfig, bool]:
-    opts = registry.get("task", cfg.task.name).options
-    if opts is not None and "scale_steps" in opts.model_fields:
-        data = cfg.model_dump(exclude_none=True)
-        data["task"]["scale_steps"] = False
-        return load_config(data), True
-    return cfg, False
+    """``cfg`` with the task options under which a retraining on a subset takes as many steps
+    as training on all of D (the task's ``full_step_options`` hook), and whether they changed.
+
+    Only the options the hook changed are written into the config, so the run digests of a
+    task without such options (or with them already set) stay what they were.
+    """
+    name = cfg.task.name
+    options = registry.validate_options("task", name, cfg.task.options, where="task")
+    factory = registry.get("task", name).factory
+    full_step_options = getattr(factory, "full_step_options", dict)
+    changed = {k: v for k, v in full_step_options(options).items() if options.get(k) != v}
+    if not changed:
+        return cfg, False
+    data = cfg.model_dump(exclude_none=True)
+    data["task"].update(changed)
+    return load_config(data), True
 
 
 def _file_id(run: Run, context: list[Any]) -> str:
@@ -130,15 +141,15 @@ def counterfactual(
         ConfigError: only oracle methods, or ``regenerate`` with queries that were not generated
             (checked before any work).
     """
-    from attribution_core.evaluation.bench import prepare
-    from attribution_core.pipeline import attribute, resolve
-
     cfg = load_config(config, overrides)
     cf = cfg.evaluation.counterfactual or CounterfactualConfig()
     out = Path(out)
-    suite, bound = None, cfg
+    suite, task = None, None
     if cfg.evaluation.suite:
-        suite, _, bound = prepare(cfg, out)
+        suite, _, resolved, task = prepare(cfg, out)
+    else:
+        resolved = resolve(cfg)
+    bound = resolved.config
     generation = None
     if cf.regenerate:  # (count, seed) of the queries' generation, before any work
         generation = (
@@ -146,24 +157,17 @@ def counterfactual(
             if suite is not None
             else R.generation_of(cfg.queries.model_dump(), "the config")
         )
-    resolved = resolve(bound)
     # oracle scorers (exact retraining) have no per-example ranking to remove from: skipped
-    skipped = [
-        m.label
-        for m in resolved.methods
-        if getattr(resolved.registry.get("scorer", m.scorer_name).factory, "uses_oracle", False)
-    ]
+    skipped = resolved.oracle_labels()
     if len(skipped) == len(resolved.methods):
         raise ConfigError(
             "methods: counterfactual needs a method with scores; "
-            f"{', '.join(skipped)} only predict subsets from retrained models"
+            f"{', '.join(sorted(skipped))} only predict subsets from retrained models"
         )
-    bound = bound.model_copy(
-        update={"methods": [e for e in bound.methods if label_of(e) not in skipped]}
-    )
-    resolved = resolve(bound)
+    resolved = resolved.only([m.label for m in resolved.methods if m.label not in skipped])
+    bound = resolved.config
     train_cfg, switched = _same_steps(bound, resolved.registry)
-    result = attribute(bound, out=out, progress=progress)
+    result = attribute(resolved, out=out, progress=progress, task=task)
     n = result.task.n_train
     nq = min(cf.queries, next(iter(result.scores.values())).shape[1])
     k_remove = max(1, int(np.floor(cf.remove_fraction * n)))

@@ -47,6 +47,21 @@ def lds_per_query(predictions: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return spearman_columns(predictions, truth.mean(axis=1))
 
 
+LDS_COLUMNS = (
+    "label",
+    "method",
+    "target",
+    "damping",
+    "lds_mean",
+    "lds_stderr",
+    "lds_ci_low",
+    "lds_ci_high",
+    "n_queries",
+    "seconds",
+)
+"""The columns of ``lds.csv``, in order (the report shows them all but ``target``)."""
+
+
 def bootstrap_indices(n_subsets: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     """``(n_boot, M)`` subset indices drawn with replacement (shared by all methods: paired)."""
     return np.random.default_rng([seed, 11]).integers(0, n_subsets, size=(n_boot, n_subsets))

@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_core.config import MeasurementConfig, RunConfig
+from attribution_core.build import build_measurement
+from attribution_core.config import DTYPES, MeasurementConfig, RunConfig
 from attribution_core.gradients import example_noise
 from attribution_core.interfaces import Batch, Measurement, Task, batch_size
+from attribution_core.registry import Registry, get_registry
 from attribution_core.storage import atomic_save_npy, atomic_write_json
 
 
@@ -149,15 +151,17 @@ def measure(model: torch.nn.Module, target: Measurement, queries: Batch, seed: i
     return np.stack([value, stderr])
 
 
-def _task(config: dict[str, Any]) -> tuple[Task, Any]:
-    from attribution_core.pipeline import build_task, resolve
-    from attribution_core.registry import get_registry
-
+def _task(config: dict[str, Any]) -> tuple[Task, Registry]:
+    """The job's task, built from the run config's ``task`` section only (cached per process)."""
     key = json.dumps(config, sort_keys=True, default=str)
     registry = get_registry()
     if key not in _TASKS:
         _TASKS.clear()
-        _TASKS[key] = build_task(resolve(RunConfig.model_validate(config), registry))
+        cfg = RunConfig.model_validate(config)
+        options = registry.validate_options("task", cfg.task.name, cfg.task.options, where="task")
+        _TASKS[key] = registry.get("task", cfg.task.name).factory(
+            dtype=DTYPES[cfg.dtype], device=torch.device(cfg.device), **options
+        )
     return _TASKS[key], registry
 
 
@@ -168,8 +172,6 @@ def run_job(job: Job) -> dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]:
         ``run_id -> (n_targets, 2, Q)`` float64 (values and Monte-Carlo standard errors); with
         ``job.regenerate``: ``run_id -> ((n_targets + 1, 2, Q), x_regen: (Q, ...))``.
     """
-    from attribution_core.pipeline import build_measurement
-
     torch.set_num_threads(job.threads)
     task, registry = _task(job.config)
     queries = load_query_batch(job.queries_path, task)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from attribution_core.builtin.executors import make_executor
 from attribution_core.config import (
     LDSConfig,
     MeasurementConfig,
@@ -39,7 +40,6 @@ from attribution_core.config import (
     load_config,
 )
 from attribution_core.errors import ConfigError, DataError
-from attribution_core.evaluation.executors import make_executor
 from attribution_core.evaluation.lds import reliability
 from attribution_core.evaluation.runs import (
     Job,
@@ -82,10 +82,6 @@ class Suite:
     def truth(self, tid: str) -> np.ndarray:
         """``(M, S, Q)`` measured targets."""
         return self._load("truth", tid)
-
-    def truth_stderr(self, tid: str) -> np.ndarray:
-        """``(M, S, Q)`` Monte-Carlo standard errors."""
-        return self._load("truth", tid, ".stderr")
 
     def oracle(self, tid: str) -> np.ndarray:
         """``(M, Q)`` oracle models (fresh seed per subset)."""

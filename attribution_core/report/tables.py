@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from attribution_core.evaluation.lds import LDS_COLUMNS
+
 RELIABILITY_FLAG = 0.3
 
 
@@ -70,17 +72,7 @@ def lds_table(
     table: pd.DataFrame, null: dict[str, float], rel: dict[str, float] | None
 ) -> pd.DataFrame:
     """The LDS table plus reference rows: random-score null (mean; p95) and the ceiling."""
-    cols = [
-        "label",
-        "method",
-        "damping",
-        "lds_mean",
-        "lds_stderr",
-        "lds_ci_low",
-        "lds_ci_high",
-        "n_queries",
-        "seconds",
-    ]
+    cols = [c for c in LDS_COLUMNS if c != "target"]
     out = table[cols].copy()
     extra = [
         {

@@ -7,7 +7,7 @@ ways, timed in one process (the machine may be shared: compare the ratios of one
 * ``one-by-one``: ``task.train(task.build_model(seed), weights, seed)`` for each model in turn;
 * ``train_ensemble``: all M models stacked (``torch.func.stack_module_state`` + ``vmap``), one
   Adam over the stacked leaves — the same draws per model as one-by-one;
-* ``ray``: the one-by-one job per model through :class:`attribution_core.evaluation.executors.
+* ``ray``: the one-by-one job per model through :class:`attribution_core.builtin.executors.
   RayExecutor` (local instance, ``num_cpus`` = cores, one thread per task).
 
 The step count is reduced (``--steps``) so the run fits a few minutes; the per-step cost, hence
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"  train_ensemble: {t_batch:.1f} s", flush=True)
 
     if not a.no_ray:
-        from attribution_core.evaluation.executors import RayExecutor
+        from attribution_core.builtin.executors import RayExecutor
 
         ex = RayExecutor(num_cpus=os.cpu_count(), cpus_per_task=1.0, shutdown=True)
         items = [(task, masks[m], seeds[m]) for m in range(a.models)]

@@ -27,7 +27,7 @@ from attribution_clip.weights import ResolvedWeights, load_model, resolve_weight
 from attribution_core import (
     AttributionError,
     ConfigError,
-    ResolvedMethod,
+    MethodParts,
     Scorer,
     ScoringContext,
     Task,
@@ -112,8 +112,8 @@ class ClipScorer(Scorer):
 
     name = "clip"
 
-    def __init__(self, method: ResolvedMethod, **options: Any) -> None:
-        self.method = method
+    def __init__(self, parts: MethodParts, **options: Any) -> None:
+        self.parts = parts
         self.options = ClipOptions(**options)
         self.weights = self.options.resolve()
         self._model: nn.Module | None = None
@@ -142,7 +142,7 @@ class ClipScorer(Scorer):
     @torch.no_grad()
     def embed(self, task: Task, batch: Batch) -> Tensor:
         """``(B, D)`` unit-norm float64 image embeddings of ``batch``'s images."""
-        images = task_images(task, batch, self.method.label)
+        images = task_images(task, batch, self.parts.label)
         model = self.model(images.device)
         out = []
         for start in range(0, images.shape[0], self.options.batch_size):
@@ -176,12 +176,12 @@ class PixelSimilarityScorer(Scorer):
 
     name = "pixel-similarity"
 
-    def __init__(self, method: ResolvedMethod, **options: Any) -> None:
-        self.method = method
+    def __init__(self, parts: MethodParts, **options: Any) -> None:
+        self.parts = parts
 
     def embed(self, task: Task, batch: Batch) -> Tensor:
         """``(B, C·H·W)`` unit-norm float64 flattened images."""
-        images = task_images(task, batch, self.method.label)
+        images = task_images(task, batch, self.parts.label)
         return unit_rows(images.reshape(images.shape[0], -1))
 
     def scores(

@@ -8,7 +8,7 @@ trajectories, ``{"x": (n, C, H, W), "trajectory": (n, T+1, C, H, W)}`` (x_T..x_0
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -130,6 +130,14 @@ class DDPMDigitsTask(Task):
         self.train_config = training.TrainConfig(
             opts.train_steps, opts.batch_size, opts.lr, opts.scale_steps, opts.ema, opts.ema_decay
         )
+
+    @classmethod
+    def full_step_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` with ``scale_steps`` off: a subset trains for all ``train_steps``.
+
+        Also used by ``ddpm-diffusers`` (a subclass with the same training options).
+        """
+        return {**options, "scale_steps": False}
 
     # ---- data and models -------------------------------------------------------------------
     def train_data(self) -> Batch:

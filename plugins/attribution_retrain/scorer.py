@@ -32,7 +32,7 @@ from attribution_core import (
     DataError,
     Executor,
     Measurement,
-    ResolvedMethod,
+    MethodParts,
     Scorer,
     ScoringContext,
     Task,
@@ -88,8 +88,8 @@ class ExactRetrainingScorer(Scorer):
     name = "exact-retraining"
     uses_oracle = True
 
-    def __init__(self, method: ResolvedMethod, **options: Any) -> None:
-        self.method = method
+    def __init__(self, parts: MethodParts, **options: Any) -> None:
+        self.parts = parts
         self.options = RetrainOptions(**options)
         self._run: _Run | None = None
         self.stats: dict[str, Any] = {}
@@ -99,9 +99,9 @@ class ExactRetrainingScorer(Scorer):
         root = self.options.store_dir or (
             str(Path(context.cache_dir) / "retrain") if context.cache_dir is not None else None
         )
-        parts = key_parts(task, context.target, queries, context.seed)
+        parts = key_parts(task, context.target, queries, self.parts.seed)
         store = RetrainStore(None if root is None else Path(root) / cache_key(**parts), parts)
-        noise = example_noise(context.target, queries, context.seed, "target", 0)
+        noise = example_noise(context.target, queries, self.parts.seed, "target", 0)
         executor = context.executor if context.executor is not None else LocalExecutor()
         return _Run(
             task,
@@ -122,7 +122,7 @@ class ExactRetrainingScorer(Scorer):
         bad = [i for i in idx if not 0 <= i < n_train]
         if bad or len(set(idx)) != len(idx):
             raise ConfigError(
-                f"method {self.method.label!r}.indices: expected distinct training indices in "
+                f"method {self.parts.label!r}.indices: expected distinct training indices in "
                 f"0..{n_train - 1}, got {'out-of-range ' + str(bad[:5]) if bad else 'duplicates'}; "
                 f"fix the list or leave it unset for all examples"
             )
@@ -139,7 +139,7 @@ class ExactRetrainingScorer(Scorer):
         n = task.n_train
         rows = self.leave_out_indices(n)
         run = self._run = self._prepare(task, queries, context)
-        seeds = [self.method.seed + k for k in range(self.options.seeds)]
+        seeds = [self.parts.seed + k for k in range(self.options.seeds)]
         specs = []
         for s in seeds:
             if rows:  # indices: [] trains nothing (e.g. bench, where only the oracle is read)
@@ -174,7 +174,7 @@ class ExactRetrainingScorer(Scorer):
             "computed_indices": rows if self.options.indices is not None else "all",
             "uncomputed_rows": "NaN",
             "store": None if run.store.root is None else str(run.store.root),
-            "noise_seed": context.seed,
+            "noise_seed": self.parts.seed,
             **stats,
         }
         return torch.as_tensor(out, dtype=torch.float64)
@@ -204,7 +204,7 @@ class ExactRetrainingScorer(Scorer):
             return torch.as_tensor(oracle).to(scores.dtype)
         if self._run is None:
             raise ConfigError(
-                f"method {self.method.label!r}: predict_subsets without a stored oracle retrains "
+                f"method {self.parts.label!r}: predict_subsets without a stored oracle retrains "
                 f"on the task of a previous scores() call; call scores() first or pass oracle="
             )
         return self.retrain_subsets(masks)

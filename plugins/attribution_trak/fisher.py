@@ -20,15 +20,14 @@ The task's regulariser is not part of ``F`` (TRAK's empirical Fisher has none).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from attribution_core import ConfigError, Curvature, HessianApproximation, NumericalError
-from attribution_core.interfaces import GradientSource, Measurement, Task
+from attribution_core.interfaces import FitInputs
 
 DEFAULT_RELATIVE_DAMPING = 0.1
 """``c`` of ``λ = c · tr(F)/k`` (kronfluence's "0.1 × mean eigenvalues" heuristic)."""
@@ -109,18 +108,7 @@ class ProjectedFisher(HessianApproximation):
         self.damping_mode = damping_mode
         self.max_memory_mb = max_memory_mb
 
-    def fit(
-        self,
-        model: nn.Module,
-        task: Task,
-        train_measurement: Measurement,
-        seed: int,
-        *,
-        params: Mapping[str, Tensor],
-        train_gradients: GradientSource,
-        cache_dir: str | None = None,
-        progress: bool = False,
-    ) -> Curvature:
+    def fit(self, inputs: FitInputs) -> Curvature:
         """Accumulate ``F`` chunk by chunk (float64), resolve ``λ``, factor ``F + λI``.
 
         Raises:
@@ -130,7 +118,10 @@ class ProjectedFisher(HessianApproximation):
         F: Tensor | None = None
         n = 0
         t0 = time.perf_counter()
-        for rows, T in train_gradients():
+        if inputs.train_gradients is None:
+            raise NumericalError("projected-fisher: no training gradients to fit on")
+        stream = inputs.train_gradients
+        for rows, T in stream.chunks(progress=inputs.progress, desc="fit: train gradients"):
             T64 = T.double()
             if F is None:
                 k = T64.shape[1]

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from attribution_core import Component, MethodPreset, hookimpl
-from attribution_trak.ensemble import EnsembleInfluenceScorer, EnsembleOptions
 from attribution_trak.fisher import ProjectedFisher, ProjectedFisherOptions
 from attribution_trak.projection import ProjectionCompressor, ProjectionOptions
-
-DTRAK_FUNCTIONS = ("square-norm", "l1-norm", "l2-norm")
-"""D-TRAK's substitutions (Zheng et al. 2024), registered by the diffusion task plugin."""
 
 TRAK = MethodPreset(
     "trak",
@@ -30,19 +26,20 @@ D_TRAK = MethodPreset(
 )
 TRAK_ENSEMBLE = MethodPreset(
     "trak-ensemble",
-    scorer="ensemble-influence",
+    scorer="influence",
     hessian="projected-fisher",
     compressor="projection",
     train_function="loss",
     query_function=None,
-    defaults={"models": 3},
-    help="TRAK averaged over `models` independently trained models and projections (trains M−1).",
+    ensemble={"models": 3},
+    help="TRAK averaged over `ensemble.models` independently trained models and projections "
+    "(trains M−1; cached).",
 )
 
 
 @hookimpl
 def attribution_register_components() -> list[Component]:
-    """Compressor projection, hessian projected-fisher, scorer ensemble-influence, methods."""
+    """Compressor projection, hessian projected-fisher, methods trak, trak-ensemble, d-trak."""
     return [
         Component(
             "compressor",
@@ -57,13 +54,6 @@ def attribution_register_components() -> list[Component]:
             ProjectedFisher,
             "TRAK's empirical Fisher (1/N)Σ(Φg)(Φg)ᵀ + λI in the projected space.",
             ProjectedFisherOptions,
-        ),
-        Component(
-            "scorer",
-            "ensemble-influence",
-            EnsembleInfluenceScorer,
-            "Mean of influence scores over M independently trained models.",
-            EnsembleOptions,
         ),
         Component("method", "trak", TRAK, TRAK.help),
         Component("method", "trak-ensemble", TRAK_ENSEMBLE, TRAK_ENSEMBLE.help),

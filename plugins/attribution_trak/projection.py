@@ -67,6 +67,7 @@ class ProjectionCompressor(GradientCompressor):
     """Seeded JL projection ``(n, p) -> (n, k)`` (see the module docstring)."""
 
     name = "projection"
+    sketch = True  # applied to both sides: training rows become Φᵀ g_j
 
     def __init__(
         self,

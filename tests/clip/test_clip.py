@@ -77,15 +77,14 @@ def test_tiny_clip_scores_equal_independent_cosine(tiny_clip, no_network):
 def test_embeddings_are_unit_norm(tiny_clip, no_network):
     from attribution_clip.scorers import ClipScorer
 
-    from attribution_core.config import MethodConfig
-    from attribution_core.methods import resolve_method
+    from attribution_core.testing import build_scorer
 
     config, weights = tiny_clip
     reg = get_registry()
     task = reg.create("task", "digits-classifier", n_train=24)
-    entry = MethodConfig(name="clip", architecture=str(config), checkpoint=str(weights))
-    method = resolve_method(entry, reg, run_seed=0, where="methods[0]")
-    scorer = ClipScorer(method, **method.scorer_options)
+    entry = {"name": "clip", "architecture": str(config), "checkpoint": str(weights)}
+    scorer = build_scorer(entry, task, registry=reg)
+    assert isinstance(scorer, ClipScorer)
     E = scorer.embed(task, task.train_data())
     assert E.shape == (24, 16) and E.dtype == torch.float64
     # float64 normalisation: norms are 1 to rounding.

@@ -6,41 +6,39 @@ Every test here runs with the network blocked (``no_network``): nothing is downl
 from __future__ import annotations
 
 import pytest
-import yaml
-from typer.testing import CliRunner
 
 from attribution_core import ConfigError, DataError, attribute
-from attribution_core.cli import app
+from attribution_core.testing import run_attribute
 
 DIGITS = {"name": "digits-classifier", "n_train": 12, "steps": 1, "hidden": 4}
 
 
-def run_cli(tmp_path, method: dict, task: dict = DIGITS):
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"task": task, "queries": {"count": 2}, "methods": [method]}))
-    return CliRunner().invoke(app, ["attribute", str(path), "--out", str(tmp_path / "out")])
+def attribute_cli(tmp_path, method: dict, task: dict = DIGITS) -> tuple[int, str]:
+    """``attribution attribute`` of one method on ``task`` (2 queries): (exit code, output)."""
+    config = {"task": task, "queries": {"count": 2}, "methods": [method]}
+    return run_attribute(config, tmp_path / "out")
 
 
 def test_missing_checkpoint_exits_2(tmp_path, tiny_clip, no_network):
     config, _ = tiny_clip
     missing = tmp_path / "nowhere.safetensors"
-    result = run_cli(
+    code, output = attribute_cli(
         tmp_path, {"name": "clip", "architecture": str(config), "checkpoint": str(missing)}
     )
-    assert result.exit_code == 2, result.output
-    assert f"checkpoint: '{missing}' does not exist" in result.output
+    assert code == 2, output
+    assert f"checkpoint: '{missing}' does not exist" in output
     assert not (tmp_path / "out" / "clip").exists()
 
 
 def test_checkpoint_of_another_architecture_exits_2(tmp_path, tiny_clip, other_clip, no_network):
     config, _ = tiny_clip
     _, other_weights = other_clip
-    result = run_cli(
+    code, output = attribute_cli(
         tmp_path, {"name": "clip", "architecture": str(config), "checkpoint": str(other_weights)}
     )
-    assert result.exit_code == 2, result.output
-    assert "is not a state dict of open_clip 'tiny-clip-test'" in result.output
-    assert "differ in shape, e.g." in result.output
+    assert code == 2, output
+    assert "is not a state dict of open_clip 'tiny-clip-test'" in output
+    assert "differ in shape, e.g." in output
 
 
 def test_file_that_is_no_checkpoint_raises(tmp_path, tiny_clip, no_network):
@@ -56,9 +54,9 @@ def test_default_tag_not_in_cache_exits_2_naming_what_was_looked_for(tmp_path, n
     """The user default (ViT-B-32, tag 'openai') with an empty cache: no download, exit 2."""
     cache = tmp_path / "empty-cache"
     cache.mkdir()
-    result = run_cli(tmp_path, {"name": "clip", "cache_dir": str(cache)})
-    assert result.exit_code == 2, result.output
-    out = " ".join(result.output.split())
+    code, output = attribute_cli(tmp_path, {"name": "clip", "cache_dir": str(cache)})
+    assert code == 2, output
+    out = " ".join(output.split())
     assert "'ViT-B-32'/'openai' are not in the local cache" in out
     assert "timm/vit_base_patch32_clip_224.openai/open_clip_model.safetensors" in out
     assert f"{cache}/ViT-B-32.pt" in out
@@ -95,9 +93,9 @@ def test_missing_architecture_json(tmp_path, tiny_clip, no_network):
 
 
 def test_unknown_option_exits_2(tmp_path, no_network):
-    result = run_cli(tmp_path, {"name": "clip", "checkpont": "x"})
-    assert result.exit_code == 2, result.output
-    assert "checkpont: unknown option" in result.output
+    code, output = attribute_cli(tmp_path, {"name": "clip", "checkpont": "x"})
+    assert code == 2, output
+    assert "checkpont: unknown option" in output
 
 
 @pytest.mark.parametrize("method", ["clip", "pixel-similarity"])
@@ -108,6 +106,8 @@ def test_task_without_images(method, tiny_clip, tmp_path, no_network):
         if method == "clip"
         else {"name": method}
     )
-    result = run_cli(tmp_path, entry, task={"name": "linear-regression", "n_train": 10, "dim": 2})
-    assert result.exit_code == 2, result.output
-    assert "task 'linear-regression' has no images" in " ".join(result.output.split())
+    code, output = attribute_cli(
+        tmp_path, entry, task={"name": "linear-regression", "n_train": 10, "dim": 2}
+    )
+    assert code == 2, output
+    assert "task 'linear-regression' has no images" in " ".join(output.split())

@@ -1,11 +1,15 @@
-"""Builtin compressors, Hessians and config overrides."""
+"""Builtin compressors, Hessians, executors and config overrides."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 
 from attribution_core import ConfigError
+from attribution_core.builtin import executors
 from attribution_core.builtin.compressors import Int8Compression
 from attribution_core.builtin.hessians import DenseCurvature
 from attribution_core.config import load_config
@@ -60,3 +64,27 @@ def test_set_rejects_bad_syntax_and_ranges():
         ConfigError, match="evaluation.lds.kept_fraction: Input should be less than 1"
     ):
         load_config(BASE, ["evaluation.lds.kept_fraction=1.5"])
+
+
+def test_make_executor_builds_the_named_executor(registry):
+    base = {"task": {"name": "linear-regression"}, "methods": ["grad-dot"]}
+    local = executors.make_executor(load_config(base), registry)
+    assert isinstance(local, executors.LocalExecutor)
+    assert list(local.map(abs, [-3, 4])) == [(0, 3), (1, 4)]
+    ray = executors.make_executor(
+        load_config({**base, "executor": {"name": "ray", "num_cpus": 2}}), registry
+    )
+    assert isinstance(ray, executors.RayExecutor) and ray.num_cpus == 2  # Ray not started yet
+    with pytest.raises(ConfigError, match="cpus_per_task"):
+        executors.make_executor(
+            load_config({**base, "executor": {"name": "ray", "cpus_per_task": 0}}), registry
+        )
+
+
+def test_executors_module_imports_no_registry_or_config_at_run_time():
+    """``builtin`` registers the executors: importing the registry there would be a cycle."""
+    tree = ast.parse(Path(executors.__file__).read_text())
+    imported = {
+        node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not imported & {"attribution_core.registry", "attribution_core.config"}, imported

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attribution_core import attribute, get_registry
+from attribution_core import FitInputs, attribute, get_registry
 from attribution_core.gradients import example_noise, per_example_gradients, select_parameters
 
 N, D, RIDGE = 200, 10, 0.05
@@ -57,9 +57,7 @@ def test_sherman_morrison_leave_one_out_and_pearson(capsys):
     Xt, _, theta, H, G = closed_form(task, model)
     params, _ = select_parameters(model)
     loss = task.training_loss()
-    curvature = reg.create("hessian", "dense").fit(
-        model, task, loss, 0, params=params, train_gradients=lambda: iter(())
-    )
+    curvature = reg.create("hessian", "dense").fit(FitInputs(model, task, loss, 0, params))
     data = task.train_data()
     G_lib = per_example_gradients(
         model, loss, data, example_noise(loss, data, 0, "train", 0), params

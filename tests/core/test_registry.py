@@ -1,6 +1,9 @@
-"""Registry: fresh managers, entry points, duplicates, unknown names, allow-list, typo'd hooks."""
+"""Registry: fresh managers, entry points, duplicates, unknown names, allow-list, typo'd hooks,
+tracing."""
 
 from __future__ import annotations
+
+from importlib import metadata
 
 import pluggy
 import pytest
@@ -19,6 +22,12 @@ class BadKind:
     @hookimpl
     def attribution_register_components(self):
         return [Component("widget", "w", object, "?")]
+
+
+class Extra:
+    @hookimpl
+    def attribution_register_components(self):
+        return [Component("method", "extra-dot", MethodPreset("extra-dot", "influence"), "x")]
 
 
 class Typo:
@@ -69,6 +78,34 @@ def test_allow_list_blocks_other_plugins(monkeypatch):
 def test_entry_points_off_keeps_builtins():
     reg = get_registry(entry_points=False)
     assert "grad-dot" in reg.names("method") and "linear-regression" not in reg.names("task")
+
+
+def test_builtin_comes_from_its_entry_point_without_the_others():
+    info = {p["plugin"]: p for p in get_registry(entry_points=False).plugin_info()}
+    assert set(info) == {"builtin"}
+    assert info["builtin"]["distribution"] == "attribution-framework"  # loaded as an entry point
+
+
+def test_missing_builtin_entry_point_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(metadata, "entry_points", lambda **selection: [])
+    with pytest.raises(ConfigError, match=r"entry point 'builtin'.*not found.*pip install -e \."):
+        get_plugin_manager(entry_points=False)
+
+
+def test_components_keep_their_plugin_name():
+    reg = get_registry([Extra()], entry_points=False)
+    assert reg.get("method", "extra-dot").plugin == "Extra"
+    assert reg.get("method", "grad-dot").plugin == "builtin"
+
+
+def test_registration_hook_is_traced(monkeypatch, capsys):
+    """The registry calls the hook through pluggy, so ATTRIBUTION_TRACE_PLUGINS sees each call."""
+    monkeypatch.setenv("ATTRIBUTION_TRACE_PLUGINS", "1")
+    get_registry([Extra()], entry_points=False)
+    err = capsys.readouterr().err
+    calls = [line for line in err.splitlines() if line.strip().startswith("attribution_register_")]
+    assert len(calls) == 2, err  # one per implementing plugin: builtin, Extra
+    assert all("attribution_register_components [hook]" in line for line in calls), err
 
 
 def test_options_are_validated(registry):

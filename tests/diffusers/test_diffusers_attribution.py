@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import yaml
 from attribution_diffusion.diffusers_task import DiffusersDDPMTask
 from scipy.stats import spearmanr
-from typer.testing import CliRunner
 
 from attribution_core import attribute
-from attribution_core.cli import app
 from attribution_core.gradients import example_noise
+from attribution_core.testing import run_attribute
 
 N_TRAIN, N_QUERY, N_SAMPLES = 10, 3, 2
 
@@ -57,11 +55,9 @@ def _independent_loss_grads(unet, x, noise, alphas_cumprod):
 
 def test_cli_kfac_trak_grad_dot(model_dir, tmp_path):
     cfg = _config(model_dir, ["kfac-influence", "trak", "grad-dot"])
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["attribute", str(path), "--out", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
+    code, output = run_attribute(cfg, out, "--quiet")
+    assert code == 0, output
     scores = {m: np.load(out / m / "scores.npy") for m in ("kfac-influence", "trak", "grad-dot")}
     for name, s in scores.items():
         assert s.shape == (N_TRAIN, N_QUERY), name

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 from attribution_diffusion.diffusers_task import DiffusersDDPMTask
-from typer.testing import CliRunner
 
 from attribution_core import ConfigError, DataError
-from attribution_core.cli import app
+from attribution_core.testing import run_attribute
 
 
 def _cli(tmp_path, task: dict):
@@ -19,16 +17,14 @@ def _cli(tmp_path, task: dict):
         "methods": ["grad-dot"],
         "queries": {"source": "train", "count": 2},
     }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return CliRunner().invoke(app, ["attribute", str(path), "--out", str(tmp_path / "out")])
+    return run_attribute(cfg, tmp_path / "out")
 
 
 def test_missing_model_dir_exit_2(tmp_path):
     missing = tmp_path / "nowhere"
-    result = _cli(tmp_path, {"model_dir": str(missing)})
-    assert result.exit_code == 2, result.output
-    assert "task.model_dir" in result.output and "does not exist" in result.output
+    code, output = _cli(tmp_path, {"model_dir": str(missing)})
+    assert code == 2, output
+    assert "task.model_dir" in output and "does not exist" in output
     with pytest.raises(DataError, match=r"task\.model_dir: .*nowhere.* does not exist"):
         DiffusersDDPMTask(model_dir=str(missing))
 
@@ -42,9 +38,9 @@ def test_missing_scheduler_file(make_model_dir):
 
 def test_sample_size_mismatch_exit_2(tmp_path, make_model_dir):
     root = make_model_dir(sample_size=16)  # digits are 8×8
-    result = _cli(tmp_path, {"model_dir": str(root)})
-    assert result.exit_code == 2, result.output
-    assert "config.json" in result.output and "sample_size 16" in result.output
+    code, output = _cli(tmp_path, {"model_dir": str(root)})
+    assert code == 2, output
+    assert "config.json" in output and "sample_size 16" in output
     with pytest.raises(ConfigError, match=r"unet/config\.json: sample_size 16 does not match"):
         DiffusersDDPMTask(model_dir=str(root))
     # the fix the message names: resize the data to the U-Net's sample_size
@@ -54,18 +50,18 @@ def test_sample_size_mismatch_exit_2(tmp_path, make_model_dir):
 
 def test_channel_mismatch_exit_2(tmp_path, make_model_dir):
     root = make_model_dir(in_channels=3, out_channels=3)  # digits have one channel
-    result = _cli(tmp_path, {"model_dir": str(root)})
-    assert result.exit_code == 2, result.output
-    assert "in_channels 3" in result.output
+    code, output = _cli(tmp_path, {"model_dir": str(root)})
+    assert code == 2, output
+    assert "in_channels 3" in output
     with pytest.raises(ConfigError, match=r"config\.json: in_channels 3 != the data's 1 channels"):
         DiffusersDDPMTask(model_dir=str(root))
 
 
 def test_unsupported_scheduler_exit_2(tmp_path, make_model_dir):
     root = make_model_dir(scheduler="DDIMScheduler")
-    result = _cli(tmp_path, {"model_dir": str(root)})
-    assert result.exit_code == 2, result.output
-    assert "scheduler_config.json" in result.output and "DDIMScheduler" in result.output
+    code, output = _cli(tmp_path, {"model_dir": str(root)})
+    assert code == 2, output
+    assert "scheduler_config.json" in output and "DDIMScheduler" in output
     with pytest.raises(
         ConfigError, match=r"scheduler_config\.json: _class_name 'DDIMScheduler' is not supported"
     ):
@@ -94,9 +90,9 @@ def test_not_a_unet2dmodel(make_model_dir):
 
 
 def test_model_dir_xor_unet(tmp_path, model_dir):
-    result = _cli(tmp_path, {"model_dir": str(model_dir), "unet": {"sample_size": 8}})
-    assert result.exit_code == 2, result.output
-    assert "exactly one of model_dir" in result.output
+    code, output = _cli(tmp_path, {"model_dir": str(model_dir), "unet": {"sample_size": 8}})
+    assert code == 2, output
+    assert "exactly one of model_dir" in output
     with pytest.raises(ConfigError, match="exactly one of model_dir"):
         DiffusersDDPMTask()
 

@@ -7,13 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 from attribution_diffusion import load_checkpoint, save_checkpoint
 from attribution_diffusion.measurements import TrajectoryNLL
-from typer.testing import CliRunner
 
-from attribution_core import ConfigError, DataError, get_registry
-from attribution_core.cli import app
+from attribution_core import ConfigError, DataError, Task, get_registry
+from attribution_core.testing import run_attribute
 
 TINY_CLI = {
     "name": "ddpm-digits",
@@ -156,12 +154,6 @@ def test_missing_cifar_path(make_task, tmp_path):
         make_task(data="cifar10", path=str(tmp_path))  # exists, but empty
 
 
-def _run(tmp_path, config, *extra):
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return CliRunner().invoke(app, ["attribute", str(path), "--out", str(tmp_path / "out"), *extra])
-
-
 @pytest.mark.parametrize(
     ("task_options", "target", "message"),
     [
@@ -179,9 +171,9 @@ def test_cli_bad_input_exits_2(tmp_path, task_options, target, message):
         "target": target,
         "queries": {"count": 2},
     }
-    result = _run(tmp_path, config)
-    assert result.exit_code == 2, result.output
-    assert message in result.output
+    code, output = run_attribute(config, tmp_path / "out")
+    assert code == 2, output
+    assert message in output
 
 
 def test_cli_trajectory_of_wrong_length_exits_2(tmp_path):
@@ -193,9 +185,9 @@ def test_cli_trajectory_of_wrong_length_exits_2(tmp_path):
         "target": "trajectory-nll",
         "queries": {"source": "file", "path": str(tmp_path / "q.npz"), "count": 2},
     }
-    result = _run(tmp_path, config)
-    assert result.exit_code == 2, result.output
-    assert "expected 11 states" in result.output
+    code, output = run_attribute(config, tmp_path / "out")
+    assert code == 2, output
+    assert "expected 11 states" in output
 
 
 # ---- end to end --------------------------------------------------------------------------------
@@ -209,9 +201,21 @@ def test_cli_attribute_grad_dot_end_to_end(tmp_path, target):
         "target": target,
         "queries": {"count": 3, "seed": 1},
     }
-    result = _run(tmp_path, config, "--quiet")
-    assert result.exit_code == 0, result.output
+    code, output = run_attribute(config, tmp_path / "out", "--quiet")
+    assert code == 0, output
     scores = np.load(tmp_path / "out" / "grad-dot" / "scores.npy")
     assert scores.shape == (6, 3) and np.isfinite(scores).all() and np.abs(scores).sum() > 0
     queries = np.load(tmp_path / "out" / "queries.npz")
     assert queries["trajectory"].shape == (3, 11, 1, 8, 8)
+
+
+# ---- hooks -------------------------------------------------------------------------------------
+def test_full_step_options_switches_scale_steps_off():
+    """Diffusion tasks train a subset for all ``train_steps``; the base Task keeps the options."""
+    options = {"scale_steps": True, "train_steps": 7}
+    registry = get_registry()
+    for name in ("ddpm-digits", "ddpm-diffusers"):
+        factory = registry.get("task", name).factory
+        assert factory.full_step_options(options) == {"scale_steps": False, "train_steps": 7}
+    assert options == {"scale_steps": True, "train_steps": 7}  # not modified in place
+    assert Task.full_step_options(options) == options

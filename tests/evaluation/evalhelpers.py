@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
-
 LIN = {
     "task": {"name": "linear-regression", "n_train": 40, "dim": 4},
     "queries": {"source": "generated", "count": 5, "seed": 0},
@@ -14,9 +10,3 @@ LIN = {
     "dtype": "float64",
     "evaluation": {"lds": {"subsets": 12, "seeds": 2, "kept_fraction": 0.5, "batch": 4}},
 }
-
-
-def write_config(path: Path, data: dict) -> Path:
-    """YAML config file."""
-    path.write_text(yaml.safe_dump(data))
-    return path

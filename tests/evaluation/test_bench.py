@@ -7,9 +7,8 @@ import re
 
 import numpy as np
 import pandas as pd
-from typer.testing import CliRunner
 
-from attribution_core.cli import app
+from attribution_core.testing import run_cli
 
 
 def test_bench_writes_every_file(lin_bench) -> None:
@@ -62,21 +61,19 @@ def test_bench_resumes_at_method_granularity(lin_bench, lin_suite) -> None:
 
 
 def test_topk_json_matches_scores(lin_bench) -> None:
-    res = CliRunner().invoke(
-        app, ["topk", str(lin_bench), "--query", "2", "--k", "3", "--format", "json"]
-    )
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
+    code, output = run_cli("topk", str(lin_bench), "--query", "2", "--k", "3", "--format", "json")
+    assert code == 0, output
+    out = json.loads(output)
     s = np.load(lin_bench / "grad-dot" / "scores.npy")[:, 2]
     pos = [e["index"] for e in out["methods"]["grad-dot"]["positive"]]
     neg = [e["index"] for e in out["methods"]["grad-dot"]["negative"]]
     assert pos == list(np.argsort(-s, kind="stable")[:3])
     assert [s[i] for i in neg] == sorted(s)[:3]
-    table = CliRunner().invoke(app, ["topk", str(lin_bench), "--query", "2", "--k", "3"])
-    assert table.exit_code == 0 and "grad-dot (query 2)" in table.output
+    code, output = run_cli("topk", str(lin_bench), "--query", "2", "--k", "3")
+    assert code == 0 and "grad-dot (query 2)" in output
 
 
 def test_report_command_rebuilds(lin_bench) -> None:
     (lin_bench / "report.md").unlink()
-    res = CliRunner().invoke(app, ["report", str(lin_bench)])
-    assert res.exit_code == 0 and (lin_bench / "report.md").is_file()
+    code, output = run_cli("report", str(lin_bench))
+    assert code == 0 and (lin_bench / "report.md").is_file(), output

@@ -101,3 +101,20 @@ def test_rerun_with_other_settings_never_reuses_stale_runs(lin_suite, tmp_path) 
     # the full-data runs do not depend on remove_fraction and are reused, not retrained
     full = [n for n in before if n.startswith("full-seed0-")]
     assert len(full) == 1 and (runs / full[0]).stat().st_mtime_ns == before[full[0]]
+
+
+def test_same_steps_asks_the_task_hook(registry) -> None:
+    """Options change only where the task's ``full_step_options`` hook changes them."""
+    from attribution_core.config import load_config
+    from attribution_core.evaluation.counterfactual import _same_steps
+
+    lin = load_config(
+        {"task": {"name": "linear-regression", "n_train": 40}, "methods": ["grad-dot"]}
+    )
+    assert _same_steps(lin, registry) == (lin, False)
+    if "ddpm-digits" not in registry.names("task"):
+        pytest.skip("diffusion plugin not installed")
+    ddpm = load_config({"task": {"name": "ddpm-digits", "train_steps": 5}, "methods": ["grad-dot"]})
+    switched_cfg, switched = _same_steps(ddpm, registry)
+    assert switched and switched_cfg.task.options == {"train_steps": 5, "scale_steps": False}
+    assert _same_steps(switched_cfg, registry) == (switched_cfg, False)  # already full-step

@@ -13,16 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from evalhelpers import write_config
-from typer.testing import CliRunner
 
-from attribution_core.cli import app
 from attribution_core.config import load_config
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation.counterfactual import REGEN_COLUMNS, counterfactual
 from attribution_core.evaluation.regenerate import pixel_distance, regenerate
 from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.registry import get_registry
+from attribution_core.testing import run_cli, write_config
 
 TINY = {
     "name": "ddpm-digits",
@@ -136,9 +134,9 @@ def test_regenerate_needs_generated_queries(tmp_path: Path) -> None:
     assert not (tmp_path / "api" / "grad-dot").exists()  # nothing attributed or trained
 
     path = write_config(tmp_path / "bad.yaml", data)
-    res = CliRunner().invoke(app, ["counterfactual", str(path), "--out", str(tmp_path / "cli")])
-    assert res.exit_code == 2, res.output
-    assert "queries.source='train'" in res.output
+    code, output = run_cli("counterfactual", str(path), "--out", str(tmp_path / "cli"))
+    assert code == 2, output
+    assert "queries.source='train'" in output
     assert not (tmp_path / "cli" / "counterfactual").exists()
 
 

@@ -7,13 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
-from evalhelpers import LIN, write_config
-from typer.testing import CliRunner
+from evalhelpers import LIN
 
-from attribution_core.cli import app
 from attribution_core.errors import ConfigError, DataError
 from attribution_core.evaluation.bench import bench
 from attribution_core.evaluation.suite import build_suite
+from attribution_core.testing import run_cli, write_config
 
 
 def _cfg(suite, **changes):
@@ -110,38 +109,34 @@ def test_cli_exit_code_2(lin_suite, tmp_path, changes, match) -> None:
     cfg = _cfg(suite)
     cfg.update(changes)
     path = write_config(tmp_path / "c.yaml", cfg)
-    res = CliRunner().invoke(app, ["bench", str(path), "--out", str(tmp_path / "o"), "--quiet"])
-    assert res.exit_code == 2, res.output
-    assert match in res.output and "Traceback" not in res.output
+    code, output = run_cli("bench", str(path), "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2, output
+    assert match in output and "Traceback" not in output
 
 
 def test_cli_suite_build_kept_fraction_exit_2(lin_suite, tmp_path) -> None:
     _, cfg = lin_suite
     path = write_config(tmp_path / "c.yaml", cfg)
-    res = CliRunner().invoke(
-        app,
-        [
-            "suite",
-            "build",
-            str(path),
-            "--out",
-            str(tmp_path / "s"),
-            "--set",
-            "evaluation.lds.kept_fraction=1.2",
-            "--quiet",
-        ],
+    code, output = run_cli(
+        "suite",
+        "build",
+        str(path),
+        "--out",
+        str(tmp_path / "s"),
+        "--set",
+        "evaluation.lds.kept_fraction=1.2",
+        "--quiet",
     )
-    assert res.exit_code == 2 and "kept_fraction" in res.output
+    assert code == 2 and "kept_fraction" in output
 
 
 def test_topk_errors(lin_bench, tmp_path) -> None:
-    runner = CliRunner()
-    res = runner.invoke(app, ["topk", str(lin_bench), "--query", "99"])
-    assert res.exit_code == 2 and "out of range" in res.output
-    res = runner.invoke(app, ["topk", str(tmp_path), "--query", "0"])
-    assert res.exit_code == 2 and "holds no <label>/scores.npy" in res.output
-    res = runner.invoke(app, ["report", str(tmp_path)])
-    assert res.exit_code == 2 and "has no bench.json" in res.output
+    code, output = run_cli("topk", str(lin_bench), "--query", "99")
+    assert code == 2 and "out of range" in output
+    code, output = run_cli("topk", str(tmp_path), "--query", "0")
+    assert code == 2 and "holds no <label>/scores.npy" in output
+    code, output = run_cli("report", str(tmp_path))
+    assert code == 2 and "has no bench.json" in output
     assert np.load(lin_bench / "grad-dot" / "scores.npy").shape == (40, 5)
 
 

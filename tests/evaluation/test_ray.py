@@ -23,7 +23,7 @@ def test_ray_suite_matches_local(lin_suite, tmp_path) -> None:
     local = build_suite(data, tmp_path / "local", command="pytest")
     data["executor"] = {"name": "ray", "num_cpus": 2}
     remote = build_suite(data, tmp_path / "ray", command="pytest")
-    from attribution_core.evaluation.executors import RayExecutor
+    from attribution_core.builtin.executors import RayExecutor
 
     # any picklable callable (builtins too), results keyed by input index; shut down after
     got = dict(RayExecutor(num_cpus=2, shutdown=True).map(abs, [-3, 4, -5]))

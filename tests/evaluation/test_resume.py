@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evalhelpers import write_config
+
+from attribution_core.testing import write_config
 
 CFG = {
     "task": {"name": "digits-classifier", "n_train": 80, "hidden": 8, "steps": 150},

@@ -53,14 +53,18 @@ class CrashAfter(Executor):
         yield from LocalExecutor().map(job, items)
 
 
-def scorer_for(options: dict, seed: int = 0):
-    """An ``exact-retraining`` scorer resolved through the registry with ``options``."""
+def scorer_for(options: dict, seed: int = 0, task=None):
+    """An ``exact-retraining`` scorer resolved and built through the registry with ``options``.
+
+    The scorer retrains whatever task it is given at ``scores``; ``task`` (default: a
+    linear-regression task) only binds the method's measurements when it is built.
+    """
     from attribution_retrain.scorer import ExactRetrainingScorer
 
     from attribution_core import get_registry
-    from attribution_core.config import MethodConfig
-    from attribution_core.methods import resolve_method
+    from attribution_core.testing import build_scorer
 
-    entry = MethodConfig(name="exact-retraining", **options)
-    method = resolve_method(entry, get_registry(), run_seed=seed, where="methods[0]")
-    return ExactRetrainingScorer(method, **method.scorer_options)
+    task = task or get_registry().create("task", "linear-regression", n_train=8, dim=2)
+    scorer = build_scorer({"name": "exact-retraining", **options}, task, seed=seed)
+    assert isinstance(scorer, ExactRetrainingScorer)
+    return scorer

@@ -12,11 +12,10 @@ import pytest
 import torch
 from attribution_retrain.scorer import ExactRetrainingScorer
 from attribution_supervised.measurements import SquaredError
-from retrain_helpers import CountingLinearRegression, CrashAfter, SimulatedCrashError
+from retrain_helpers import CountingLinearRegression, CrashAfter, SimulatedCrashError, scorer_for
 
 from attribution_core import ConfigError, DataError, ScoringContext, attribute, get_registry
-from attribution_core.config import MethodConfig
-from attribution_core.methods import resolve_method
+from attribution_core.testing import run_attribute
 
 LINREG = {"name": "linear-regression", "n_train": 20, "dim": 3, "noise": 0.4, "ridge": 0.05}
 
@@ -31,12 +30,6 @@ def ridge(X: np.ndarray, y: np.ndarray, keep: np.ndarray, lam: float) -> np.ndar
 
 def mse(theta: np.ndarray, Xq: np.ndarray, yq: np.ndarray) -> np.ndarray:
     return (yq - np.hstack([Xq, np.ones((len(yq), 1))]) @ theta) ** 2
-
-
-def scorer_for(options: dict, seed: int = 0) -> ExactRetrainingScorer:
-    entry = MethodConfig(name="exact-retraining", **options)
-    method = resolve_method(entry, get_registry(), run_seed=seed, where="methods[0]")
-    return ExactRetrainingScorer(method, **method.scorer_options)
 
 
 def test_loo_equals_closed_form_leave_one_out():
@@ -89,7 +82,7 @@ def test_predict_subsets_without_oracle_retrains_each_mask(counting_task):
     task = counting_task
     scorer = scorer_for({"indices": [0]})
     queries = task.make_queries(None, 3, seed=1)
-    ctx = ScoringContext(seed=0, target=SquaredError())
+    ctx = ScoringContext(target=SquaredError())
     scores = scorer.scores(task, task.base_model(0), queries, ctx)
     masks = torch.as_tensor(np.random.default_rng(0).random((5, 12)) < 0.5)
     pred = scorer.predict_subsets(masks, scores)
@@ -128,21 +121,14 @@ def test_predict_subsets_errors():
     [([0, 20], r"out-of-range \[20\]"), ([1, 1], "duplicates")],
 )
 def test_bad_indices(indices, message, tmp_path):
-    import yaml
-    from typer.testing import CliRunner
-
-    from attribution_core.cli import app
-
-    path = tmp_path / "run.yaml"
     cfg = {
         "task": LINREG,
         "target": "mse",
         "methods": [{"name": "exact-retraining", "indices": indices}],
     }
-    path.write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(app, ["attribute", str(path), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2, result.output
-    assert "indices: expected distinct training indices in 0..19" in result.output
+    code, output = run_attribute(cfg, tmp_path / "out")
+    assert code == 2, output
+    assert "indices: expected distinct training indices in 0..19" in output
     with pytest.raises(ConfigError, match=message):
         attribute(cfg)
 
@@ -152,9 +138,7 @@ def test_crash_between_models_then_resume_recomputes_nothing_finished(counting_t
     queries = task.make_queries(None, 3, seed=2)
     options = {"indices": list(range(9)), "seeds": 1, "models_per_job": 2}
     # 10 models (full + 9 LOO) in 5 jobs of 2; the "process" dies after 3 jobs = 6 models.
-    ctx = ScoringContext(
-        seed=0, target=SquaredError(), cache_dir=str(tmp_path), executor=CrashAfter(3)
-    )
+    ctx = ScoringContext(target=SquaredError(), cache_dir=str(tmp_path), executor=CrashAfter(3))
     with pytest.raises(SimulatedCrashError):
         scorer_for(options).scores(task, None, queries, ctx)
     assert CountingLinearRegression.train_calls == 6
@@ -162,22 +146,20 @@ def test_crash_between_models_then_resume_recomputes_nothing_finished(counting_t
     assert len(stored) == 6 and not list((tmp_path / "retrain").rglob(".*tmp*"))
 
     CountingLinearRegression.train_calls = 0
-    ctx = ScoringContext(seed=0, target=SquaredError(), cache_dir=str(tmp_path))
+    ctx = ScoringContext(target=SquaredError(), cache_dir=str(tmp_path))
     scorer = scorer_for(options)
     resumed = scorer.scores(task, None, queries, ctx)
     assert CountingLinearRegression.train_calls == 4  # only the 4 unfinished models
     assert ctx.info["exact_retraining"]["models_reused"] == 6
 
     CountingLinearRegression.train_calls = 0
-    fresh = scorer_for(options).scores(
-        task, None, queries, ScoringContext(seed=0, target=SquaredError())
-    )
+    fresh = scorer_for(options).scores(task, None, queries, ScoringContext(target=SquaredError()))
     assert CountingLinearRegression.train_calls == 10  # no store: everything trained
     torch.testing.assert_close(resumed, fresh, rtol=0, atol=0, equal_nan=True)
 
     CountingLinearRegression.train_calls = 0
     scorer_for(options).scores(
-        task, None, queries, ScoringContext(seed=0, target=SquaredError(), cache_dir=str(tmp_path))
+        task, None, queries, ScoringContext(target=SquaredError(), cache_dir=str(tmp_path))
     )
     assert CountingLinearRegression.train_calls == 0  # everything finished: nothing retrained
 
@@ -186,7 +168,7 @@ def test_subset_oracle_resumes_too(counting_task, tmp_path):
     task = counting_task
     queries = task.make_queries(None, 2, seed=2)
     masks = torch.as_tensor(np.random.default_rng(1).random((4, 12)) < 0.5)
-    ctx = ScoringContext(seed=0, target=SquaredError(), cache_dir=str(tmp_path))
+    ctx = ScoringContext(target=SquaredError(), cache_dir=str(tmp_path))
     scorer = scorer_for({"indices": [0]})
     scores = scorer.scores(task, None, queries, ctx)
     first = scorer.predict_subsets(masks, scores)
@@ -203,10 +185,10 @@ def test_ray_executor_gives_the_local_result():
     queries = task.make_queries(None, 3, seed=0)
     ray = get_registry().create("executor", "ray", num_cpus=1, shutdown=True)
     on_ray = scorer_for({"models_per_job": 4}).scores(
-        task, None, queries, ScoringContext(seed=0, target=SquaredError(), executor=ray)
+        task, None, queries, ScoringContext(target=SquaredError(), executor=ray)
     )
     local = scorer_for({"models_per_job": 4}).scores(
-        task, None, queries, ScoringContext(seed=0, target=SquaredError())
+        task, None, queries, ScoringContext(target=SquaredError())
     )
     torch.testing.assert_close(on_ray, local, rtol=0, atol=0)
 
@@ -216,7 +198,7 @@ def test_empty_indices_train_nothing(counting_task):
     task = counting_task
     scorer = scorer_for({"indices": []})
     queries = task.make_queries(None, 2, seed=0)
-    scores = scorer.scores(task, None, queries, ScoringContext(seed=0, target=SquaredError()))
+    scores = scorer.scores(task, None, queries, ScoringContext(target=SquaredError()))
     assert CountingLinearRegression.train_calls == 0 and torch.isnan(scores).all()
     oracle = torch.ones(3, 2, dtype=torch.float64)
     assert torch.equal(

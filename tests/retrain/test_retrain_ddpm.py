@@ -26,7 +26,7 @@ def test_ddpm_loo_is_paired_and_resumable(ddpm, tmp_path):
     reg, task = ddpm
     target = reg.create("measurement", "loss", task)
     queries = {"x": task.train_data()["x"][:2]}
-    ctx = ScoringContext(seed=0, target=target, cache_dir=str(tmp_path))
+    ctx = ScoringContext(target=target, cache_dir=str(tmp_path))
     scorer = scorer_for({"indices": [1, 4], "seeds": 2, "models_per_job": 3})
     scores = scorer.scores(task, None, queries, ctx).numpy()
     assert scores.shape == (6, 2)
@@ -50,7 +50,7 @@ def test_ddpm_loo_is_paired_and_resumable(ddpm, tmp_path):
     assert np.abs(moved[0] / again[0] - 1).max() > 1e-3
 
     rerun = scorer_for({"indices": [1, 4], "seeds": 2, "models_per_job": 3})
-    ctx2 = ScoringContext(seed=0, target=target, cache_dir=str(tmp_path))
+    ctx2 = ScoringContext(target=target, cache_dir=str(tmp_path))
     torch.testing.assert_close(
         rerun.scores(task, None, queries, ctx2).numpy(), scores, equal_nan=True
     )

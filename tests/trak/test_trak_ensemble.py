@@ -33,7 +33,7 @@ def test_one_member_is_trak_bitwise():
         lr_config(
             [
                 {"name": "trak", "proj_dim": 16},
-                {"name": "trak-ensemble", "models": 1, "proj_dim": 16},
+                {"name": "trak-ensemble", "ensemble": {"models": 1}, "proj_dim": 16},
             ]
         )
     )
@@ -43,7 +43,9 @@ def test_one_member_is_trak_bitwise():
 def test_two_members_average_two_independent_trak_runs():
     """Member 1 = the model trained from seed 1 with projection/noise seed 1 (float64, so the
     mean of the two runs agrees to rounding: 1e-12 relative)."""
-    ens = attribute(digits_cfg([{"name": "trak-ensemble", "models": 2, "proj_dim": 32}]))
+    ens = attribute(
+        digits_cfg([{"name": "trak-ensemble", "ensemble": {"models": 2}, "proj_dim": 32}])
+    )
     r0 = attribute(digits_cfg([{"name": "trak", "proj_dim": 32, "seed": 0}], model_seed=0))
     r1 = attribute(digits_cfg([{"name": "trak", "proj_dim": 32, "seed": 1}], model_seed=1))
     ref = (r0.scores["trak"] + r1.scores["trak"]) / 2
@@ -64,5 +66,7 @@ def test_ensemble_default_is_off_for_trak():
 def test_models_must_be_positive():
     from attribution_core import ConfigError
 
-    with pytest.raises(ConfigError, match=r"methods\[0\]\.models: .*greater than or equal to 1"):
-        attribute(lr_config([{"name": "trak-ensemble", "models": 0}]))
+    with pytest.raises(
+        ConfigError, match=r"methods\[0\]\.ensemble\.models: .*greater than or equal to 1"
+    ):
+        attribute(lr_config([{"name": "trak-ensemble", "ensemble": {"models": 0}}]))

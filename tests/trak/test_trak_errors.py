@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from attribution_core import ConfigError, NumericalError, attribute
 from attribution_core.cli import app
+from attribution_core.interfaces import FitInputs
+from attribution_core.testing import MatrixStream
 
 
 @pytest.mark.parametrize("k", [0, -3])
@@ -39,14 +41,7 @@ def test_proj_dim_too_large_for_memory_fisher():
 def test_fisher_memory_checked_again_at_fit():
     fisher = ProjectedFisher(max_memory_mb=0.001)
     with pytest.raises(ConfigError, match=r"proj_dim: 40 needs a 40×40 float64 Fisher"):
-        fisher.fit(
-            None,
-            None,
-            None,
-            0,
-            params={},
-            train_gradients=lambda: iter([(slice(0, 3), torch.randn(3, 40))]),
-        )
+        fisher.fit(FitInputs(None, None, None, 0, {}, MatrixStream(torch.randn(3, 40))))
 
 
 def test_proj_dim_too_large_for_memory_orthogonal():
@@ -101,14 +96,7 @@ def test_zero_damping_full_rank_is_allowed():
 
 def test_solve_checks_width():
     fisher = ProjectedFisher(damping=1.0, damping_mode="absolute")
-    curv = fisher.fit(
-        None,
-        None,
-        None,
-        0,
-        params={},
-        train_gradients=lambda: iter([(slice(0, 3), torch.randn(3, 4))]),
-    )
+    curv = fisher.fit(FitInputs(None, None, None, 0, {}, MatrixStream(torch.randn(3, 4))))
     with pytest.raises(
         ValueError, match=r"projected gradients mismatch: expected \(n, 4\), got \(2, 5\)"
     ):

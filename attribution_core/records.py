@@ -1,0 +1,198 @@
+"""Read-only records passed between the pipeline and the components of a method.
+
+They are defined apart from the interfaces (:mod:`attribution_core.interfaces`, which re-exports
+them) so that each interface takes one record instead of a growing list of arguments: a new
+field with a default extends every implementation at once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from attribution_core.gradients import GradientStream
+    from attribution_core.interfaces import (
+        Executor,
+        GradientCompressor,
+        HessianApproximation,
+        Measurement,
+        Task,
+    )
+
+
+@dataclass(frozen=True)
+class FitInputs:
+    """Everything a :class:`HessianApproximation` may use to fit, as one read-only record.
+
+    The interface grows by adding fields here (with defaults), never by editing every ``fit``.
+
+    Attributes:
+        model: the trained model (eval mode).
+        task: its task (data, curvature hooks, regulariser ``l2``).
+        train_function: the method's ``train_function`` (whose gradient stands for ∇ℓ(θ, x_j)).
+        seed: seed of every random choice of the fit (MC pseudo-targets, (t, ε) draws).
+        params: the included parameters, ``name -> tensor`` (the parameter space's order).
+        train_gradients: the training gradients in this approximation's ``space`` — compressed
+            rows ``(n, k)`` for ``space = "compressed"``, parameter rows ``(n, p)`` otherwise —
+            as a :class:`attribution_core.gradients.GradientStream`. Empirical and projected
+            Fisher fits read it; the others ignore it.
+        cache_dir: where fitted factors may be cached (None = no caching).
+        progress: show progress bars.
+    """
+
+    model: nn.Module
+    task: Task
+    train_function: Measurement
+    seed: int
+    params: Mapping[str, Tensor]
+    train_gradients: GradientStream | None = None
+    cache_dir: str | None = None
+    progress: bool = False
+
+
+class ScoreSink(ABC):
+    """Receives ``scores`` row blocks as a scorer computes them.
+
+    Scorers never allocate the ``(n_train, n_query)`` matrix themselves: they open a sink through
+    :attr:`ScoringContext.sink` and write row ranges into it, so the pipeline decides where the
+    scores go (memory today; a memory-mapped file or a top-k buffer later).
+    """
+
+    @abstractmethod
+    def write(self, rows: slice, block: Tensor) -> None:
+        """Store ``block: (rows.stop - rows.start, n_query)`` as those training rows."""
+
+    @abstractmethod
+    def result(self) -> Tensor:
+        """The scores written so far, ``(n_train, n_query)``."""
+
+
+class MemorySink(ScoreSink):
+    """The whole ``(n_train, n_query)`` matrix in memory (the default sink)."""
+
+    def __init__(
+        self, n_train: int, n_query: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
+        self.out = torch.empty(n_train, n_query, dtype=dtype, device=device)
+
+    def write(self, rows: slice, block: Tensor) -> None:
+        """``out[rows] = block``."""
+        self.out[rows] = block
+
+    def result(self) -> Tensor:
+        """The matrix."""
+        return self.out
+
+
+SinkFactory = Callable[[int, int, torch.dtype, torch.device], ScoreSink]
+"""``(n_train, n_query, dtype, device) -> ScoreSink``."""
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """Everything a scorer may use besides the task, model, queries and its method's parts.
+
+    The method's seed is *not* here: it lives in :class:`MethodParts` only.
+
+    Attributes:
+        target: the run's target measurement.
+        cache_dir: where scorers may cache reusable work (gradients, factors); None = no cache.
+        chunk_size: training examples per gradient chunk.
+        progress: show progress bars.
+        executor: runs independent jobs (retraining) locally or on Ray.
+        sink: opens the :class:`ScoreSink` the scorer writes its rows into.
+        timings: phase name -> seconds; scorers add their phases here.
+        info: free-form JSON-able facts recorded in the manifest.
+    """
+
+    target: Measurement
+    cache_dir: Any = None
+    chunk_size: int = 64
+    progress: bool = False
+    executor: Executor | None = None
+    sink: SinkFactory = MemorySink
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodParts:
+    """The built components of one method, handed (read-only) to its scorer's factory.
+
+    Attributes:
+        label: the method's label (output directory, ``lds.csv`` row).
+        seed: seed of every random choice of the method (MC draws, projections) — its only copy.
+        train_function: the measurement whose gradient stands for ∇ℓ(θ, x_j).
+        query_function: the measurement differentiated on the queries; None = the run's target.
+        hessian: the Hessian approximation, or None (influence: identity).
+        compressor: the gradient compressor, or None (none).
+    """
+
+    label: str
+    seed: int
+    train_function: Measurement
+    query_function: Measurement | None = None
+    hessian: HessianApproximation | None = None
+    compressor: GradientCompressor | None = None
+
+
+@dataclass(frozen=True)
+class PlanSizes:
+    """The sizes a plan is computed for: ``N`` training examples, ``Q`` queries, ``p`` params."""
+
+    n_train: int
+    n_query: int
+    n_params: int
+    chunk_size: int = 64
+    itemsize: int = 4
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a method's plan.
+
+    Attributes:
+        name: phase name (the key its time is recorded under in the manifest).
+        rows: examples the phase processes (a gradient or forward+backward each).
+        largest: shape of the largest array the phase holds.
+        bytes: bytes of that array.
+        note: what the phase does, in words.
+    """
+
+    name: str
+    rows: int
+    largest: tuple[int, ...]
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class CurvatureProblem:
+    """What curvature back-ends (K-FAC, GGN-CG) need to see the task as ``loss(f(x), y)``.
+
+    ``H = scale · GGN`` of ``Σ_batches loss_function(model(inputs), targets)`` (+ the task's
+    regulariser) must equal the Hessian/GGN of ``L_D`` in the task's units.
+
+    Attributes:
+        model: maps ``inputs`` to **2-D** outputs ``(B, k)`` and shares parameters with the task
+            model (a thin wrapper, never a copy).
+        loss_function: ``nn.MSELoss(reduction="sum")`` or ``nn.CrossEntropyLoss(reduction="sum")``.
+        batches: ``batches(pass_index) -> iterable of (inputs, targets)``; each pass draws fresh
+            Monte-Carlo noise from a generator seeded by ``(seed, pass_index)``.
+        scale: multiplies the GGN of the summed loss (e.g. ``1/(N·S)``).
+        batch_size_fn: for dict inputs, returns the batch size of ``inputs``.
+        n_rows: number of rows (loss terms) in one pass.
+    """
+
+    model: nn.Module
+    loss_function: nn.Module
+    batches: Callable[[int], Iterable[tuple[Any, Tensor]]]
+    scale: float
+    batch_size_fn: Callable[[Any], int] | None = None
+    n_rows: int = 0
