@@ -6,6 +6,7 @@ fix; no traceback); 1 internal failure (traceback).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import traceback
@@ -15,8 +16,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from attribution_core.errors import AttributionError
+from attribution_core.errors import AttributionError, DataError
+from attribution_core.evaluation.bench import bench as run_bench
+from attribution_core.evaluation.counterfactual import counterfactual as run_counterfactual
+from attribution_core.evaluation.suite import build_suite
+from attribution_core.pipeline import attribute as run_attribute
+from attribution_core.registry import get_registry
+from attribution_core.report.render import write_report
+from attribution_core.report.topk import format_topk
+from attribution_core.report.topk import topk as run_topk
 
 app = typer.Typer(
     add_completion=False,
@@ -49,7 +60,6 @@ def _fail(message: str) -> None:
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map user errors to exit 2 with one line; anything else to exit 1 with a traceback."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -77,7 +87,6 @@ def list_components(
     kind: Annotated[str | None, typer.Option("--kind", help="only this kind")] = None,
 ) -> None:
     """List every registered component: kind, name, plugin, one-line help."""
-    from attribution_core.registry import get_registry
 
     if format not in ("table", "json"):
         _fail(f"--format {format!r}: valid formats: table, json")
@@ -100,8 +109,6 @@ def list_components(
     if format == "json":
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
 
     composed = any("composition" in r for r in rows)
     table = Table("kind", "name", "plugin", "help", *(["composition"] if composed else []))
@@ -120,9 +127,8 @@ def attribute(
     quiet: QuietOption = False,
 ) -> None:
     """Attribute every method of CONFIG: OUT/<label>/scores.npy and manifest.json."""
-    from attribution_core.pipeline import attribute as run
 
-    result = run(config, out=out, overrides=tuple(set_ or ()), progress=not quiet)
+    result = run_attribute(config, out=out, overrides=tuple(set_ or ()), progress=not quiet)
     for label, manifest in result.manifests.items():
         t = manifest["timings"].get("total", 0.0)
         typer.echo(f"{label}: scores {tuple(manifest['shape'])} -> {out / label} ({t:.1f} s)")
@@ -141,7 +147,6 @@ def suite_build(
     quiet: QuietOption = False,
 ) -> None:
     """Train base model, queries, masks, retrainings and oracle; measure targets (resumable)."""
-    from attribution_core.evaluation.suite import build_suite
 
     suite = build_suite(config, out, overrides=tuple(set_ or ()), progress=not quiet)
     for tid, r in suite.meta["reliability"].items():
@@ -162,9 +167,8 @@ def bench(
     quiet: QuietOption = False,
 ) -> None:
     """Every method on a pinned suite (no training): lds.csv, report.md, report.html, figures."""
-    from attribution_core.evaluation.bench import bench as run
 
-    table = run(config, out, overrides=tuple(set_ or ()), progress=not quiet)
+    table = run_bench(config, out, overrides=tuple(set_ or ()), progress=not quiet)
     typer.echo(table.to_string(index=False))
     typer.echo(f"report -> {out / 'report.html'}")
 
@@ -180,9 +184,8 @@ def counterfactual(
     quiet: QuietOption = False,
 ) -> None:
     """Retrain without each method's top influences vs random removal (resumable)."""
-    from attribution_core.evaluation.counterfactual import counterfactual as run
 
-    table = run(config, out, overrides=tuple(set_ or ()), progress=not quiet)
+    table = run_counterfactual(config, out, overrides=tuple(set_ or ()), progress=not quiet)
     typer.echo(table.to_string(index=False))
 
 
@@ -195,12 +198,10 @@ def topk(
     format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
 ) -> None:
     """Top positive and negative training examples of a query, per method."""
-    from attribution_core.report.topk import format_topk
-    from attribution_core.report.topk import topk as run
 
     if format not in ("table", "json"):
         _fail(f"--format {format!r}: valid formats: table, json")
-    typer.echo(format_topk(run(directory, query, k), query, format))
+    typer.echo(format_topk(run_topk(directory, query, k), query, format))
 
 
 @app.command()
@@ -209,8 +210,6 @@ def report(
     directory: Annotated[Path, typer.Argument(help="A bench output directory.")],
 ) -> None:
     """Rebuild report.md, report.html and figures from stored results."""
-    from attribution_core.errors import DataError
-    from attribution_core.report.render import write_report
 
     if not (directory / "bench.json").is_file():
         raise DataError(

@@ -12,6 +12,7 @@ from typing import Any, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+import attribution_core.config as c
 from attribution_core.config import RunConfig
 from attribution_core.registry import Registry, get_registry
 
@@ -44,8 +45,6 @@ def model_table(model: type[BaseModel]) -> list[str]:
 
 def render(registry: Registry | None = None) -> str:
     """The whole reference page."""
-    from attribution_core import config as c
-
     reg = registry or get_registry()
     out = [
         "# Config reference",

@@ -31,6 +31,7 @@ from attribution_core.config import (
     MethodConfig,
     as_measurement,
     label_of,
+    validate_model,
 )
 from attribution_core.errors import ConfigError
 
@@ -156,7 +157,7 @@ class MethodSpec:
 
 
 def resolve_method(
-    entry: str | MethodConfig, registry: Registry, *, run_seed: int, where: str
+    entry: str | dict[str, Any] | MethodConfig, registry: Registry, *, run_seed: int, where: str
 ) -> MethodSpec:
     """Resolve a config entry into a :class:`MethodSpec`; validates every name and option.
 
@@ -164,7 +165,12 @@ def resolve_method(
         ConfigError: unknown method or component, invalid composition (lists the valid ones),
             unknown or ambiguous override key (lists the valid keys), bad value.
     """
-    cfg = MethodConfig(name=entry) if isinstance(entry, str) else entry
+    if isinstance(entry, str):
+        cfg = MethodConfig(name=entry)
+    elif isinstance(entry, dict):
+        cfg = validate_model(MethodConfig, entry, where=where)
+    else:
+        cfg = entry
     preset = _preset_of(cfg, registry, where)
     names = {kind: getattr(preset, kind) for kind in COMPONENT_KINDS}
     replaced: dict[str, dict[str, Any]] = {}

@@ -6,6 +6,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 
 class _Bar:
     def __init__(self, progress: Any = None, task: Any = None) -> None:
@@ -24,15 +34,6 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator[_Bar]:
     if not enabled:
         yield _Bar()
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     with Progress(
         TextColumn("[bold]{task.description}"),

@@ -24,6 +24,7 @@ import pluggy
 from pydantic import BaseModel
 
 from attribution_core import hookspecs
+from attribution_core.config import validate_model
 from attribution_core.errors import ConfigError
 
 ENTRY_POINT_GROUP = "attribution_core"
@@ -121,8 +122,6 @@ class Registry:
                     f"{where or name}: {kind} {name!r} takes no options, got {sorted(options)}"
                 )
             return {}
-        from attribution_core.config import validate_model
-
         return validate_model(comp.options, options, where=where or f"{kind} {name!r}").model_dump()
 
     def create(self, kind: str, name: str, /, *args: Any, where: str = "", **options: Any) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.torch import save
 
 
 def _atomic(path: Path, write: Any, suffix: str) -> None:
@@ -45,7 +46,5 @@ def save_tensors(
     path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
 ) -> None:
     """Save torch tensors as safetensors atomically (no pickles)."""
-    from safetensors.torch import save
-
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     _atomic(Path(path), lambda fh: fh.write(data), ".tmp.safetensors")

@@ -9,7 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from typer.testing import CliRunner
 
+from attribution_core.build import build_method
+from attribution_core.cli import app
+from attribution_core.config import MethodConfig
+from attribution_core.methods import resolve_method
 from attribution_core.registry import Registry, get_registry
 
 
@@ -45,10 +50,6 @@ def allclose_report(
 
 def run_cli(*args: str) -> tuple[int, str]:
     """Run ``attribution ARGS`` in-process: ``(exit_code, stdout + stderr)``."""
-    from typer.testing import CliRunner
-
-    from attribution_core.cli import app
-
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, result.output
 
@@ -73,10 +74,6 @@ def build_scorer(entry: Any, task: Any, *, seed: int = 0, registry: Registry | N
 
     Resolves and builds exactly as ``attribute`` does (``resolve_method`` then ``build_method``).
     """
-    from attribution_core.build import build_method
-    from attribution_core.config import MethodConfig
-    from attribution_core.methods import resolve_method
-
     reg = registry or get_registry()
     cfg = MethodConfig(name=entry) if isinstance(entry, str) else MethodConfig(**dict(entry))
     spec = resolve_method(cfg, reg, run_seed=seed, where="methods[0]")

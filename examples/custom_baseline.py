@@ -15,7 +15,7 @@ class LabelMatch(Scorer):
 
     name = "label-match"
 
-    def __init__(self, method):
+    def __init__(self, parts):
         pass
 
     def scores(self, task, model, queries, context):

@@ -193,7 +193,9 @@ def gradient_plan(sizes: PlanSizes, parts: MethodParts, *, fit: bool) -> list[Ph
     phases = []
     if fit:
         hess = parts.hessian.name if parts.hessian else "identity"
-        phases.append(Phase("fit", n, (p,), p * b, f"fit hessian {hess!r}"))
+        phases.append(
+            Phase("fit", n, (), 0, f"fit hessian {hess!r} (its own memory not estimated)")
+        )
     phases += [
         Phase("query_gradients", q, (q, p), q * p * b, "per-example query gradients, solved"),
         Phase(

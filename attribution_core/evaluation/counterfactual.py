@@ -47,6 +47,7 @@ from attribution_core.evaluation.runs import (
 from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.interfaces import index_batch
 from attribution_core.pipeline import attribute, resolve
+from attribution_core.report.render import write_report
 from attribution_core.storage import atomic_save_npy, atomic_write_json
 
 CF_COLUMNS = [
@@ -290,7 +291,5 @@ def counterfactual(
         },
     )
     if (out / "bench.json").is_file():
-        from attribution_core.report.render import write_report
-
         write_report(out)
     return table

@@ -12,15 +12,17 @@ from one generator seeded by ``seed`` for all ``count`` samples at once, so the 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from attribution_core.errors import ConfigError, DataError
-from attribution_core.evaluation.runs import RunStore
 from attribution_core.interfaces import Batch, Task
+
+if TYPE_CHECKING:
+    from attribution_core.evaluation.runs import RunStore
 
 BASE_TOLERANCE = 1e-2
 """The base model's regenerated queries must lie within ``BASE_TOLERANCE · √D`` of the stored

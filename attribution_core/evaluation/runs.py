@@ -26,6 +26,7 @@ import torch
 
 from attribution_core.build import build_measurement
 from attribution_core.config import DTYPES, MeasurementConfig, RunConfig
+from attribution_core.evaluation.regenerate import pixel_distance, regenerate
 from attribution_core.gradients import example_noise
 from attribution_core.interfaces import Batch, Measurement, Task, batch_size
 from attribution_core.registry import Registry, get_registry
@@ -191,8 +192,6 @@ def run_job(job: Job) -> dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]:
         if job.regenerate is None:
             out[run.run_id] = values
             continue
-        from attribution_core.evaluation.regenerate import pixel_distance, regenerate
-
         x = regenerate(task, model, n_queries(queries), *job.regenerate)
         dist = pixel_distance(x, queries["x"])
         row = np.stack([dist, np.zeros_like(dist)])[None]

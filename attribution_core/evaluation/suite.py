@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from attribution_core.builtin.executors import make_executor
 from attribution_core.config import (
@@ -49,6 +50,13 @@ from attribution_core.evaluation.runs import (
     load_query_arrays,
     save_query_batch,
     target_id,
+)
+from attribution_core.pipeline import (
+    build_task,
+    load_or_train_model,
+    load_queries,
+    resolve,
+    versions,
 )
 from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
 
@@ -183,16 +191,6 @@ def build_suite(
     Raises:
         ConfigError: bad targets or LDS settings, or ``out`` holds a suite of another config.
     """
-    import torch
-
-    from attribution_core.pipeline import (
-        build_task,
-        load_or_train_model,
-        load_queries,
-        resolve,
-        versions,
-    )
-
     cfg = load_config(config, overrides)
     require_task(cfg)
     resolved = resolve(cfg)
@@ -251,7 +249,7 @@ def build_suite(
             "oracle": f"{ORACLE_SEED} + subset index",
         },
         "threads": cfg.threads,
-        "versions": versions(),
+        "versions": versions(resolved.registry),
     }
     atomic_write_json(meta_path, meta)
     atomic_save_npy(out / "masks.npy", masks)

@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from attribution_clip.weights import ResolvedWeights, load_model, resolve_weights
 from attribution_core import (
     AttributionError,
+    Batch,
     ConfigError,
     MethodParts,
     Scorer,
     ScoringContext,
     Task,
 )
-from attribution_core.interfaces import Batch
 
 
 class ClipOptions(BaseModel):

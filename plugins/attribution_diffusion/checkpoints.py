@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attribution_core import DataError
-from attribution_core.storage import atomic_write_json, save_tensors
+from attribution_core import DataError, atomic_write_json, save_tensors
 from attribution_diffusion.task import DDPMDigitsTask
 
 

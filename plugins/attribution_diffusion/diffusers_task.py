@@ -26,10 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from attribution_core import ConfigError
-from attribution_core.config import validate_model
-from attribution_core.gradients import select_parameters
-from attribution_core.interfaces import Batch
+from attribution_core import Batch, ConfigError, select_parameters, validate_model
 from attribution_diffusion import training
 from attribution_diffusion.data import NATIVE_SIZE, load_images
 from attribution_diffusion.diffusers_model import (

@@ -20,8 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from attribution_core import ConfigError, DataError, Measurement, Task
-from attribution_core.interfaces import Batch, Forward
+from attribution_core import Batch, ConfigError, DataError, Forward, Measurement, Task
 from attribution_diffusion.schedule import Schedule
 
 Timesteps = Literal["uniform", "all"]

@@ -15,9 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from attribution_core import ConfigError, CurvatureProblem, Task
-from attribution_core.config import validate_model
-from attribution_core.interfaces import Batch
+from attribution_core import Batch, ConfigError, CurvatureProblem, Task, validate_model
 from attribution_diffusion import training
 from attribution_diffusion.data import NATIVE_SIZE, load_images
 from attribution_diffusion.measurements import EpsLoss

@@ -21,9 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from attribution_core import Executor, Measurement, Task
-from attribution_core.interfaces import Batch, batch_size, index_batch
-from attribution_core.storage import atomic_save_npy, atomic_write_json
+from attribution_core import (
+    Batch,
+    Executor,
+    Measurement,
+    Task,
+    atomic_save_npy,
+    atomic_write_json,
+    batch_size,
+    index_batch,
+)
 
 
 @dataclass(frozen=True)

@@ -28,18 +28,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from attribution_core import (
+    Batch,
     ConfigError,
     DataError,
     Executor,
+    LocalExecutor,
     Measurement,
     MethodParts,
     Scorer,
     ScoringContext,
     Task,
+    batch_size,
+    cache_key,
+    example_noise,
 )
-from attribution_core.builtin.executors import LocalExecutor
-from attribution_core.gradients import cache_key, example_noise
-from attribution_core.interfaces import Batch, batch_size
 from attribution_retrain.jobs import ModelSpec, RetrainStore, key_parts, mask_name, retrain
 
 

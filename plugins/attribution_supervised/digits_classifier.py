@@ -11,8 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from attribution_core import CurvatureProblem, Measurement, Task
-from attribution_core.interfaces import Batch
+from attribution_core import Batch, CurvatureProblem, Measurement, Task
 from attribution_supervised.measurements import CrossEntropy
 
 

@@ -16,8 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from attribution_core import CurvatureProblem, DataError, Measurement, Task
-from attribution_core.interfaces import Batch
+from attribution_core import Batch, CurvatureProblem, DataError, Measurement, Task
 from attribution_supervised.measurements import SquaredError
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from attribution_core import ConfigError, Measurement, Task
-from attribution_core.interfaces import Batch, Forward
+from attribution_core import Batch, ConfigError, Forward, Measurement, Task
 
 
 class NoOptions(BaseModel):

@@ -26,8 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from attribution_core import ConfigError, Curvature, HessianApproximation, NumericalError
-from attribution_core.interfaces import FitInputs
+from attribution_core import ConfigError, Curvature, FitInputs, HessianApproximation, NumericalError
 
 DEFAULT_RELATIVE_DAMPING = 0.1
 """``c`` of ``λ = c · tr(F)/k`` (kronfluence's "0.1 × mean eigenvalues" heuristic)."""
