@@ -1,31 +1,61 @@
-"""The two back-ends of the (E)K-FAC data passes: our hooks, or curvlinops' operators.
+"""The data passes of one (E)K-FAC fit, run by one of two back-ends: our hooks, or curvlinops.
 
 ``hooks`` (:class:`attribution_kfac.factors.FactorPasses`: no weight gradients, Toeplitz conv
 covariances) reproduces ``curvlinops.KFACLinearOperator`` / ``EKFACLinearOperator`` to float
-round-off; ``curvlinops`` runs those operators themselves. :func:`resolve_backend` picks the one a
-fit uses (``hooks`` falls back to ``curvlinops`` for layers or losses it does not support) —
-part of the factor cache key and recorded in the curvature's info. Both back-ends fill the same
-dicts: ``A`` / ``G`` per layer name from pass 0, and EK-FAC's corrected eigenvalues
-(``<layer>|E``, ``<layer>|E_bias``) from pass 1, rotated in the float64 eigenbases of ``out``.
+round-off; ``curvlinops`` runs those operators themselves (through
+:mod:`attribution_kfac.curvlinops_adapter`). :func:`resolve_backend` picks the one a fit uses
+(``hooks`` falls back to ``curvlinops`` for layers or losses it does not support) — part of the
+factor cache key and recorded in the curvature's info.
+
+:func:`fit_factors` runs pass 0 (Kronecker factors ``A`` / ``G`` per layer) on
+``DataPass(batches, 0)``, eigendecomposes them in float64, and for EK-FAC runs pass 1 on a new
+``DataPass(batches, 1)`` (fresh noise): the corrected eigenvalues in those eigenbases. The
+back-ends see a :class:`FactorFit` record (the validated options and the problem), never the
+Hessian object.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from attribution_core.errors import ConfigError, NumericalError
-from attribution_core.interfaces import CurvatureProblem
+from attribution_core import CurvatureProblem, NumericalError
+from attribution_kfac import curvlinops_adapter
 from attribution_kfac.curvature import Block
 from attribution_kfac.factors import FactorPasses, Layer, unsupported
-from attribution_kfac.problem import Passes, curvlinops, log
+from attribution_kfac.options import KFACOptions
+from attribution_kfac.problem import DataPass, log
 
-if TYPE_CHECKING:
-    from attribution_kfac.kfac import KFACHessian
 
-BACKENDS = ("hooks", "curvlinops")
+@dataclass(frozen=True)
+class FactorFit:
+    """Everything the data passes of one (E)K-FAC fit need (read-only).
+
+    Attributes:
+        options: the Hessian's validated options (fisher, mc_samples, approx,
+            separate_weight_and_bias are used here).
+        ekfac: also run EK-FAC's eigenvalue correction (pass 1).
+        backend: the resolved back-end, ``hooks`` or ``curvlinops``.
+        problem: the task's curvature problem.
+        params: the included parameters of ``problem.model``, in flat order.
+        blocks: one per Linear/Conv2d layer holding included parameters.
+        layers: the hooked modules of ``blocks`` (same order).
+        seed: seed of the pseudo-target generator (reset at the start of every pass).
+        progress: show curvlinops' progress bars.
+    """
+
+    options: KFACOptions
+    ekfac: bool
+    backend: str
+    problem: CurvatureProblem
+    params: list[Tensor]
+    blocks: list[Block]
+    layers: list[Layer]
+    seed: int
+    progress: bool = False
 
 
 def check_finite(named: list[tuple[str, str, Tensor | None]]) -> None:
@@ -55,8 +85,6 @@ def resolve_backend(
     requested: str, layers: list[Layer], problem: CurvatureProblem, who: str
 ) -> str:
     """The back-end a fit uses: ``requested``, or ``curvlinops`` where the hooks cannot."""
-    if requested not in BACKENDS:
-        raise ConfigError(f"backend: {requested!r} is not one of {', '.join(BACKENDS)}")
     if requested == "curvlinops":
         return requested
     why = unsupported(layers, problem.loss_function)
@@ -66,126 +94,103 @@ def resolve_backend(
     return "curvlinops"
 
 
-def kronecker_factors(
-    hess: KFACHessian,
-    backend: str,
-    problem: CurvatureProblem,
-    plist: list[Tensor],
-    layers: list[Layer],
-    data: Passes,
-    seed: int,
-    progress: bool,
+def _eigh64(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues ``(d,)`` and eigenvectors ``(d, d)`` of a symmetric factor, in float64."""
+    M = M.to(torch.float64)
+    lam, Q = torch.linalg.eigh((M + M.T) / 2)
+    return lam, Q
+
+
+def fit_factors(fit: FactorFit) -> dict[str, Tensor]:
+    """One (K-FAC) or two (EK-FAC) data passes → float64 eigen-factors.
+
+    Returns:
+        Contiguous float64 tensors keyed ``"<layer>|QG"`` ``(d_out, d_out)``, ``"|lam_g"``
+        ``(d_out,)`` and, for layers with a weight, ``"|QA"`` ``(d_a, d_a)``, ``"|lam_a"``
+        ``(d_a,)``, ``"|E"`` ``(d_out, d_a)``; ``"|E_bias"`` ``(d_out,)`` for a separate bias
+        (the layout of :class:`attribution_kfac.curvature.KroneckerCurvature`). EK-FAC replaces
+        ``E`` / ``E_bias`` by the corrected eigenvalues.
+
+    Raises:
+        NumericalError: a factor or corrected eigenvalue is NaN/Inf (names the layer).
+    """
+    A, G, runner = _kronecker_factors(fit, DataPass(fit.problem.batches, 0))
+    named = []
+    for block in fit.blocks:
+        named.append((block.label, "input covariance A", A.get(block.layer)))
+        named.append((block.label, "gradient covariance G", G[block.layer]))
+    check_finite(named)
+    out: dict[str, Tensor] = {}
+    for block in fit.blocks:
+        lam_g, QG = _eigh64(G[block.layer])
+        out[f"{block.layer}|QG"], out[f"{block.layer}|lam_g"] = QG, lam_g
+        if block.layer in A:
+            lam_a, QA = _eigh64(A[block.layer])
+            out[f"{block.layer}|QA"], out[f"{block.layer}|lam_a"] = QA, lam_a
+            out[f"{block.layer}|E"] = torch.outer(lam_g, lam_a)
+        if block.bias is not None and not block.joint:
+            out[f"{block.layer}|E_bias"] = lam_g.clone()
+    if fit.ekfac:
+        _eigenvalue_correction(runner, DataPass(fit.problem.batches, 1), fit, out)
+    # contiguous: the same memory layout (hence the same bits downstream) as a cache read
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _kronecker_factors(
+    fit: FactorFit, data: DataPass
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Any]:
-    """Pass 0: ``(A, G, runner)``; ``runner`` is handed to :func:`eigenvalue_correction`."""
-    if backend == "hooks":
+    """Pass 0 on ``data``: ``(A, G, runner)``; ``runner`` runs the correction pass."""
+    problem = fit.problem
+    if fit.backend == "hooks":
         n_data = problem.n_rows
         if not n_data:  # as curvlinops: one traversal counting rows
-            data.pass_index = 0
             size = problem.batch_size_fn or (lambda X: X.shape[0])
             n_data = sum(size(X) for X, _ in data)
         passes = FactorPasses(
             problem.model,
             problem.loss_function,
-            layers,
-            data,
-            fisher=hess.fisher,
-            mc_samples=hess.mc_samples,
-            approx=hess.approx,
-            joint=not hess.separate_weight_and_bias,
+            fit.layers,
+            fit.options,
             n_data=n_data,
-            seed=seed,
-            device=plist[0].device,
+            seed=fit.seed,
+            device=fit.params[0].device,
         )
-        data.pass_index = 0
-        A, G = passes.kronecker_factors()
+        A, G = passes.kronecker_factors(data)
         return A, G, passes
-    cl = curvlinops()
-    cls = cl.EKFACLinearOperator if hess.ekfac else cl.KFACLinearOperator
-    op = cls(
-        problem.model,
-        problem.loss_function,
-        plist,
-        data,
-        progressbar=progress,
-        check_deterministic=False,
-        seed=seed,
-        fisher_type=hess.fisher,
-        mc_samples=hess.mc_samples,
-        kfac_approx=hess.approx,
-        num_per_example_loss_terms=1,
-        separate_weight_and_bias=hess.separate_weight_and_bias,
-        num_data=problem.n_rows or None,
-        batch_size_fn=problem.batch_size_fn,
-    )
-    data.pass_index = 0
-    op.compute_kronecker_factors()  # once per fresh operator (a second call would add)
-    return op._input_covariances, op._gradient_covariances, op
+    op = curvlinops_adapter.kronecker_operator(
+        problem, fit.params, data, fit.options, ekfac=fit.ekfac, seed=fit.seed,
+        progress=fit.progress,
+    )  # fmt: skip
+    A, G = curvlinops_adapter.kronecker_factors(op)
+    return A, G, op
 
 
-def eigenvalue_correction(
-    runner: Any,
-    data: Passes,
-    blocks: list[Block],
-    out: dict[str, Tensor],
-    plist: list[Tensor],
+def _eigenvalue_correction(
+    runner: Any, data: DataPass, fit: FactorFit, out: dict[str, Tensor]
 ) -> None:
-    """EK-FAC pass 1 (fresh noise): corrected eigenvalues in ``out``'s float64 eigenbases.
+    """EK-FAC pass 1 on ``data``: corrected eigenvalues in ``out``'s float64 eigenbases.
 
     The eigenvectors rotate in the model's dtype (as curvlinops does); ``out`` keeps that
     rounded basis (in float64), so the solve uses exactly the basis the eigenvalues belong to.
     """
-    dtype = plist[0].dtype
+    dtype = fit.params[0].dtype
     QA: dict[str, Tensor] = {}
     QG: dict[str, Tensor] = {}
-    for block in blocks:
+    for block in fit.blocks:
         QG[block.layer] = out[f"{block.layer}|QG"].to(dtype)
         out[f"{block.layer}|QG"] = QG[block.layer].to(torch.float64)
         if f"{block.layer}|QA" in out:
             QA[block.layer] = out[f"{block.layer}|QA"].to(dtype)
             out[f"{block.layer}|QA"] = QA[block.layer].to(torch.float64)
-    data.pass_index = 1
     if isinstance(runner, FactorPasses):
-        corrected = runner.eigenvalue_correction(QA, QG)
+        corrected = runner.eigenvalue_correction(data, QA, QG)
     else:
-        corrected = _curvlinops_correction(runner, blocks, QA, QG, plist)
+        corrected = curvlinops_adapter.corrected_eigenvalues(runner, data, QA, QG)
     named = []
-    for block in blocks:
+    for block in fit.blocks:
         vals = corrected[block.layer]
         for part, key in (("joint", "E"), ("weight", "E"), ("bias", "E_bias")):
             if part in vals:
                 named.append((block.label, f"EK-FAC eigenvalues of {part}", vals[part]))
                 out[f"{block.layer}|{key}"] = vals[part].to(torch.float64)
     check_finite(named)
-
-
-def _curvlinops_correction(
-    op: Any,
-    blocks: list[Block],
-    QA: dict[str, Tensor],
-    QG: dict[str, Tensor],
-    plist: list[Tensor],
-) -> dict[str, dict[str, Tensor]]:
-    """``EKFACLinearOperator.compute_eigenvalue_correction`` in the bases ``QA`` / ``QG``."""
-    # curvlinops rotates with the eigenvectors it finds in these dicts (it only computes them
-    # itself, in the model's dtype, when they are empty)
-    for block in blocks:
-        op._gradient_covariances.pop(block.layer, None)
-        op._input_covariances.pop(block.layer, None)
-        op._gradient_covariances_eigenvectors[block.layer] = QG[block.layer]
-        if block.layer in QA:
-            op._input_covariances_eigenvectors[block.layer] = QA[block.layer]
-    op.compute_eigenvalue_correction()
-    position = {id(p): i for i, p in enumerate(plist)}
-    result: dict[str, dict[str, Tensor]] = {}
-    for block in blocks:
-        corrected = op._corrected_eigenvalues[block.layer]
-        if isinstance(corrected, Tensor):
-            result[block.layer] = {"joint": corrected}
-            continue
-        mod = op._model_func.get_submodule(block.layer)
-        vals = result.setdefault(block.layer, {})
-        for pname in ("weight", "bias"):
-            t = getattr(mod, pname, None)
-            if t is not None and id(t) in position and position[id(t)] in corrected:
-                vals[pname] = corrected[position[id(t)]]
-    return result

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from attribution_core import get_registry
-from attribution_core.builtin.compressors import Int8Compression
-from attribution_core.gradients import (
+from attribution_core import (
+    FitInputs,
+    Int8Compression,
+    get_registry,
     gradient_chunks,
     layout_of,
     select_parameters,
@@ -89,34 +90,40 @@ def main(argv: list[str] | None = None) -> None:
         f"params); gradients {t_grad:.1f}s\n"
     )
 
-    fits = {}
+    fit_inputs = FitInputs(model=model, task=task, train_function=fn, seed=0, params=params)
+    fits: dict[str, KroneckerCurvature] = {}
     for cls in (KFACHessian, EKFACHessian):
         t0 = time.perf_counter()
-        curv = cls(damping=1.0, fisher=args.fisher).fit(
-            model, task, fn, 0, params=params, train_gradients=None
-        )
+        curv = cls(damping=1.0, fisher=args.fisher).fit(fit_inputs)
         fits[cls.name] = curv
         print(f"{cls.name} (fisher {args.fisher}) fit: {time.perf_counter() - t0:.1f}s")
-
-    def solve_at(name: str, lam: float) -> torch.Tensor:
-        c = fits[name]
-        at = KroneckerCurvature(
-            c.blocks, c.factors, scale=c.scale, damping=lam, l2=task.l2, n_params=p
-        )
-        return at.solve(Gq)
 
     cg_scores: dict[float, torch.Tensor] = {}
     for lam in args.cg_dampings:
         t0 = time.perf_counter()
-        cg = GGNCGHessian(damping=lam, rtol=args.cg_rtol, maxiter=args.cg_maxiter).fit(
-            model, task, fn, 0, params=params, train_gradients=None
-        )
+        cg = GGNCGHessian(damping=lam, rtol=args.cg_rtol, maxiter=args.cg_maxiter).fit(fit_inputs)
         cg_scores[lam] = Gt @ cg.solve(Gq).T
         print(
             f"ggn-cg λ={lam:g}: {time.perf_counter() - t0:.1f}s, iterations "
             f"{cg.describe()['cg_iterations']}"
         )
     print()
+    _print_table(fits, cg_scores, Gt, Gq, int8, task.l2)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
+
+
+def _print_table(
+    fits: dict[str, KroneckerCurvature],
+    cg_scores: dict[float, torch.Tensor],
+    Gt: torch.Tensor,
+    Gq: torch.Tensor,
+    int8: Int8Compression,
+    l2: float,
+) -> None:
+    """One markdown row per damping λ: Spearman of scores ``(n_train, n_query)`` pairs.
+
+    The fitted factors are re-damped at each λ (``Gt: (n_train, p)``, ``Gq: (n_query, p)``).
+    """
     print(
         "| damping | K-FAC vs GGN-CG | EK-FAC vs GGN-CG | K-FAC vs EK-FAC | "
         "int8 vs fp32 (K-FAC) | int8 vs fp32 (EK-FAC) |"
@@ -124,8 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for lam in sorted(set(DAMPINGS) | set(cg_scores)):
         row = {}
-        for name in fits:
-            Q = solve_at(name, lam)
+        for name, c in fits.items():
+            at = KroneckerCurvature(
+                c.blocks, c.factors, scale=c.scale, damping=lam, l2=l2, n_params=c.n_params
+            )
+            Q = at.solve(Gq)
             row[name] = (Gt @ Q.T, Gt @ int8.compress(Q).T)
         ref = cg_scores.get(lam)
         print(
@@ -135,7 +145,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{_fmt(_rho(row['kfac'][0], row['kfac'][1]))} | "
             f"{_fmt(_rho(row['ekfac'][0], row['ekfac'][1]))} |"
         )
-    print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attribution_core.gradients import cache_key
+from attribution_core import cache_key, save_tensors
 
 
 def _checksum(tensors: dict[str, Tensor]) -> str:
@@ -67,14 +67,9 @@ class FactorCache:
         return {k: v.to(device) for k, v in tensors.items()}
 
     def save(self, parts: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
-        """Write atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
-
+        """Write atomically (temporary file, fsync, then rename; a full disk leaves nothing)."""
         path = self.path(parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"parts": json.dumps(parts, sort_keys=True, default=str), "checksum": _checksum(cpu)}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(cpu, str(tmp), metadata=meta)
-        tmp.replace(path)
+        save_tensors(path, cpu, meta)
         return path

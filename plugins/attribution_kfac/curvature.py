@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attribution_core.errors import NumericalError
-from attribution_core.interfaces import Curvature
+from attribution_core import Curvature, NumericalError
 
 
 @dataclass(frozen=True)

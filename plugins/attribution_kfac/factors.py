@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from attribution_kfac import rotation
+from attribution_kfac import curvlinops_adapter, rotation
+from attribution_kfac.options import KFACOptions
 from attribution_kfac.patches import (
     cl_order,
     conv_geometry,
@@ -76,17 +77,16 @@ def unsupported(layers: list[Layer], loss_func: nn.Module) -> str | None:
 
 
 class FactorPasses:
-    """The data passes of one (E)K-FAC fit.
+    """The hooks that run the data passes of one (E)K-FAC fit; each pass gets its own data.
 
     Args:
         model: maps ``X`` (a tensor or a dict the model understands) to outputs.
         loss_func: ``MSELoss`` / ``CrossEntropyLoss`` / ``BCEWithLogitsLoss`` (sum or mean).
         layers: the hooked Linear/Conv2d modules.
-        data: re-iterable ``(X, y)`` batches (each ``iter()`` is one pass).
-        fisher: ``mc`` | ``empirical`` | ``type-2`` | ``forward-only``.
-        mc_samples: pseudo-targets per row (``mc`` only).
-        approx: ``expand`` | ``reduce``.
-        joint: ``[W | b]`` in one block for layers with both (``separate_weight_and_bias=False``).
+        options: ``fisher`` (``mc`` | ``empirical`` | ``type-2`` | ``forward-only``),
+            ``mc_samples`` (pseudo-targets per row, ``mc`` only), ``approx`` (``expand`` |
+            ``reduce``) and ``separate_weight_and_bias`` (False: ``[W | b]`` in one block for
+            layers with both) are used.
         n_data: ``N`` (rows of the data set).
         seed: seed of the pseudo-target generator (reset at the start of every pass).
         device: where batches are moved (tensor ``X`` and ``y``).
@@ -97,25 +97,27 @@ class FactorPasses:
         model: nn.Module,
         loss_func: nn.Module,
         layers: list[Layer],
-        data: Iterable[tuple[Any, Tensor]],
+        options: KFACOptions,
         *,
-        fisher: str,
-        mc_samples: int,
-        approx: str,
-        joint: bool,
         n_data: int,
         seed: int,
         device: torch.device,
     ) -> None:
-        self.model, self.loss_func, self.layers, self.data = model, loss_func, layers, data
-        self.fisher, self.mc_samples, self.approx = fisher, mc_samples, approx
-        self.joint, self.n_data, self.seed, self.device = joint, n_data, seed, device
+        self.model, self.loss_func, self.layers = model, loss_func, layers
+        self.fisher, self.mc_samples = options.fisher, options.mc_samples
+        self.approx, self.joint = options.approx, not options.separate_weight_and_bias
+        self.n_data, self.seed, self.device = n_data, seed, device
         self._calls: list[tuple[Layer, Tensor | None, GradientEdge | None]] = []  # per call
         self._batch = -1  # index of the batch being processed in the current pass
 
     # ---- passes --------------------------------------------------------------------------
-    def kronecker_factors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """One pass: ``(A, G)`` per layer name (``A`` only for layers with a weight)."""
+    def kronecker_factors(
+        self, data: Iterable[tuple[Any, Tensor]]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One pass over ``data``: ``(A, G)`` per layer name (``A`` only for layers with a weight).
+
+        ``A: (d_a, d_a)``, ``G: (d_out, d_out)`` in the model's dtype and curvlinops' units.
+        """
         A: dict[str, Tensor] = {}
         G: dict[str, Tensor] = {}
 
@@ -126,7 +128,7 @@ class FactorPasses:
         def on_grad(layer: Layer, x: Tensor, g: Tensor, scale: float) -> None:
             _add(G, layer.name, self._gradient_covariance(layer, g).mul_(scale))
 
-        self._run(on_input, on_grad)
+        self._run(data, on_input, on_grad)
         if self.fisher == "forward-only":
             for layer in self.layers:
                 d_out = _out_features(layer.module)
@@ -134,9 +136,9 @@ class FactorPasses:
         return A, G
 
     def eigenvalue_correction(
-        self, QA: dict[str, Tensor], QG: dict[str, Tensor]
+        self, data: Iterable[tuple[Any, Tensor]], QA: dict[str, Tensor], QG: dict[str, Tensor]
     ) -> dict[str, dict[str, Tensor]]:
-        """One pass: ``Σ_rows (Q_Gᵀ ∇_W ℓ_row Q_A)²`` per layer, in the factors' eigenbases.
+        """One pass over ``data``: ``Σ_rows (Q_Gᵀ ∇_W ℓ_row Q_A)²`` per layer, in the eigenbases.
 
         Returns ``{layer: {"joint": (d_out, d_in + 1)}}`` for ``[W | b]`` blocks, else
         ``{layer: {"weight": (d_out, d_in), "bias": (d_out,)}}`` (the parameters present).
@@ -183,12 +185,13 @@ class FactorPasses:
                 gs = g3.sum(2 if isinstance(layer.module, nn.Conv2d) else 1)
                 _add(res, "bias", (gs @ qg).square_().sum(0).mul_(scale))
 
-        self._run(None, on_grad, keep_inputs=True)
+        self._run(data, None, on_grad, keep_inputs=True)
         return out
 
     # ---- the loop ------------------------------------------------------------------------
     def _run(
         self,
+        data: Iterable[tuple[Any, Tensor]],
         on_input: Callable[[Layer, Tensor], None] | None,
         on_grad: Callable[[Layer, Tensor, Tensor, float], None],
         keep_inputs: bool = False,
@@ -200,7 +203,7 @@ class FactorPasses:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed)
         try:
-            for batch, (X, y) in enumerate(self.data):
+            for batch, (X, y) in enumerate(data):
                 self._batch = batch
                 if isinstance(X, Tensor):
                     X = X.to(self.device)
@@ -252,8 +255,7 @@ class FactorPasses:
         elif self.fisher == "empirical":
             yield grads(self._loss(output, y), False), 1.0
         elif self.fisher == "type-2":
-            from curvlinops.kfac_utils import loss_hessian_matrix_sqrt
-
+            loss_hessian_matrix_sqrt = curvlinops_adapter.loss_hessian_sqrt()
             sqrts = torch.stack(
                 [
                     loss_hessian_matrix_sqrt(o.detach(), t, self.loss_func)

@@ -10,40 +10,41 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from attribution_core.errors import NumericalError
-from attribution_core.interfaces import (
+from attribution_core import (
     Curvature,
-    GradientSource,
+    FitInputs,
     HessianApproximation,
-    Measurement,
-    Task,
+    NumericalError,
+    validate_model,
 )
+from attribution_kfac import curvlinops_adapter
+from attribution_kfac.options import GGNCGOptions
 from attribution_kfac.problem import (
+    DataPass,
     check_params,
-    curvlinops,
+    fit_samples,
     get_problem,
     problem_parameters,
 )
 
 
-class _FixedPass:
-    """Re-iterable ``problem.batches(0)`` (the same draws on every matrix product)."""
-
-    def __init__(self, batches: Any) -> None:
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches(0))
-
-
 class CGCurvature(Curvature):
-    """``solve(G)``: batched conjugate gradients on ``s·GGN + λ_tot I`` (float64 vectors)."""
+    """``solve(G)``: batched conjugate gradients on ``s·GGN + λ_tot I`` (float64 vectors).
+
+    Args:
+        operator: curvlinops' GGN operator of the summed loss (``op @ X``, ``X: (p, k)``).
+        scale: ``s`` of the curvature problem.
+        damping: λ, resolved to absolute units.
+        l2: the task's ``l2``; ``2·l2`` (``∇²R``) is added to the damping.
+        n_params: ``p``.
+        options: ``rtol``, ``maxiter`` and ``max_columns`` are used.
+        info: facts for ``describe()``.
+    """
 
     def __init__(
         self,
@@ -52,9 +53,7 @@ class CGCurvature(Curvature):
         damping: float,
         l2: float,
         n_params: int,
-        rtol: float,
-        maxiter: int,
-        max_columns: int,
+        options: GGNCGOptions,
         info: dict[str, Any],
     ) -> None:
         self.operator = operator
@@ -62,9 +61,10 @@ class CGCurvature(Curvature):
         self.damping = float(damping)
         self.total_damping = float(damping) + 2.0 * float(l2)
         self.n_params = n_params
-        self.rtol, self.maxiter, self.max_columns = rtol, maxiter, max_columns
+        self.rtol, self.maxiter = options.rtol, options.maxiter
+        self.max_columns = options.max_columns
         self.info = dict(info)
-        self.iterations: list[int] = []
+        self.iterations: list[int] = []  # CG iterations per block of columns, for describe()
 
     def matmat(self, X: Tensor) -> Tensor:
         """``(s·GGN + λ_tot I) X`` for ``X: (p, k)`` float64."""
@@ -137,70 +137,63 @@ class CGCurvature(Curvature):
         }
 
 
+def _trace_estimate(op: Any, scale: float, p: int, probes: int, seed: int, device) -> float:
+    """Hutchinson estimate of ``tr(s·GGN)`` with ``probes`` Rademacher vectors ``(p, probes)``."""
+    gen = torch.Generator().manual_seed(int(seed))
+    Z = (torch.randint(0, 2, (p, probes), generator=gen) * 2 - 1).double()
+    Z = Z.to(device)
+    return float((Z * (scale * (op @ Z.to(op.dtype)).double())).sum()) / probes
+
+
 class GGNCGHessian(HessianApproximation):
-    """The exact damped GGN, applied matrix-free and inverted by conjugate gradients."""
+    """The exact damped GGN, applied matrix-free and inverted by conjugate gradients.
+
+    Args:
+        **options: the fields of :class:`~attribution_kfac.options.GGNCGOptions` (validated
+            once, kept frozen in ``self.options``).
+
+    Raises:
+        ConfigError: an option is unknown or out of range.
+    """
 
     name = "ggn-cg"
 
-    def __init__(
-        self,
-        damping: float = 1e-4,
-        damping_mode: str = "absolute",
-        n_samples: int | None = None,
-        rtol: float = 1e-6,
-        maxiter: int = 500,
-        max_columns: int = 32,
-        trace_probes: int = 32,
-    ) -> None:
-        self.damping, self.damping_mode, self.n_samples = damping, damping_mode, n_samples
-        self.rtol, self.maxiter, self.max_columns = rtol, maxiter, max_columns
-        self.trace_probes = trace_probes
+    def __init__(self, **options: Any) -> None:
+        self.options: GGNCGOptions = validate_model(  # type: ignore[assignment]
+            GGNCGOptions, options, where=f"hessian {self.name!r}"
+        )
 
-    def fit(
-        self,
-        model: nn.Module,
-        task: Task,
-        train_measurement: Measurement,
-        seed: int,
-        *,
-        params: Mapping[str, Tensor],
-        train_gradients: GradientSource,
-        cache_dir: str | None = None,
-        progress: bool = False,
-    ) -> CGCurvature:
-        """Build the GGN operator (no data pass yet) and the CG solver."""
+    def describe(self) -> dict[str, Any]:
+        """Name, space and every option (before fitting)."""
+        return {**super().describe(), **self.options.model_dump()}
+
+    def fit(self, inputs: FitInputs) -> CGCurvature:
+        """Build the GGN operator on pass 0 (no data pass yet) and the CG solver.
+
+        With ``damping_mode: relative`` the trace estimate costs ``trace_probes`` products.
+        """
+        opts, params, task = self.options, inputs.params, inputs.task
         check_params(params, self.name)
         t0 = time.perf_counter()
-        n_samples = self.n_samples or max(1, int(getattr(train_measurement, "n_samples", 1)))
-        problem = get_problem(model, task, seed, n_samples, self.name)
+        n_samples = fit_samples(opts.n_samples, inputs.train_function)
+        problem = get_problem(inputs.model, task, inputs.seed, n_samples, self.name)
         plist, excluded = problem_parameters(problem, params, self.name)
-        op = curvlinops().GGNLinearOperator(
-            problem.model,
-            problem.loss_function,
-            plist,
-            _FixedPass(problem.batches),
-            progressbar=progress,
-            check_deterministic=False,
-            num_data=problem.n_rows or None,
-            batch_size_fn=problem.batch_size_fn,
+        op = curvlinops_adapter.ggn_operator(
+            problem, plist, DataPass(problem.batches, 0), inputs.progress
         )
         p = sum(t.numel() for t in params.values())
-        info = {"hessian": self.name, "n_samples": n_samples, "excluded": excluded}
-        curv = CGCurvature(
-            op, problem.scale, 0.0, task.l2, p, self.rtol, self.maxiter, self.max_columns, info
-        )
-        damping = self.damping
-        if self.damping_mode == "relative":
-            gen = torch.Generator().manual_seed(int(seed))
-            Z = (torch.randint(0, 2, (p, self.trace_probes), generator=gen) * 2 - 1).double()
-            Z = Z.to(plist[0].device)
-            tr = (
-                float((Z * (problem.scale * (op @ Z.to(op.dtype)).double())).sum())
-                / self.trace_probes
+        info: dict[str, Any] = {
+            "hessian": self.name,
+            **opts.recorded(),
+            "n_samples": n_samples,
+            "excluded": excluded,
+        }
+        damping = opts.damping
+        if opts.damping_mode == "relative":
+            tr = _trace_estimate(
+                op, problem.scale, p, opts.trace_probes, inputs.seed, plist[0].device
             )
             info["trace_estimate"] = tr
-            damping = self.damping * (tr / p + 2 * task.l2)
-        curv.damping = damping
-        curv.total_damping = damping + 2.0 * task.l2
-        curv.info["setup_seconds"] = time.perf_counter() - t0
-        return curv
+            damping = opts.damping * (tr / p + 2 * task.l2)
+        info["setup_seconds"] = time.perf_counter() - t0
+        return CGCurvature(op, problem.scale, damping, task.l2, p, opts, info)

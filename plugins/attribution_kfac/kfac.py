@@ -6,10 +6,10 @@ regulariser ``R = l2·‖θ‖²`` enters as ``2·l2`` added to the damping.
 
 Data passes (one fit):
 
-* K-FAC: one pass (``batches(0)``) — every MC pseudo-target (``mc_samples``) and every
-  ``(t, ε)`` draw the task puts in a pass (``n_samples``) is handled in that pass.
-* EK-FAC: the same pass for the factors, then one more pass (``batches(1)``, fresh noise)
-  for the eigenvalue correction.
+* K-FAC: one pass (``DataPass(batches, 0)``) — every MC pseudo-target (``mc_samples``) and
+  every ``(t, ε)`` draw the task puts in a pass (``n_samples``) is handled in that pass.
+* EK-FAC: the same pass for the factors, then one more pass (a new ``DataPass(batches, 1)``,
+  fresh noise) for the eigenvalue correction.
 
 Back-ends (``backend`` option): ``hooks`` (default) runs those passes with our own hooks
 (:mod:`attribution_kfac.factors`: no weight gradients, Toeplitz conv covariances), producing
@@ -17,39 +17,37 @@ curvlinops' factors to float round-off; ``curvlinops`` uses ``KFACLinearOperator
 ``EKFACLinearOperator`` themselves (:mod:`attribution_kfac.backends`). A problem the hooks do
 not support (grouped convs, other losses) falls back to curvlinops; the back-end used is
 recorded in the curvature's info (hence the manifest) and is part of the factor cache key.
+
+Options: the constructor validates its keyword arguments once into a frozen
+:class:`~attribution_kfac.options.KFACOptions` (``self.options``); the curvature's info and the
+factor cache key are derived from it, and the back-ends receive it (in a
+:class:`~attribution_kfac.backends.FactorFit`), never the Hessian.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from attribution_core.errors import NumericalError
-from attribution_core.gradients import layout_of, model_fingerprint
-from attribution_core.interfaces import (
+from attribution_core import (
     CurvatureProblem,
-    GradientSource,
+    FitInputs,
     HessianApproximation,
-    Measurement,
-    Task,
+    NumericalError,
+    layout_of,
+    model_fingerprint,
+    validate_model,
 )
-from attribution_kfac.backends import (
-    check_finite,
-    eigenvalue_correction,
-    fit_layers,
-    kronecker_factors,
-    resolve_backend,
-)
+from attribution_kfac.backends import FactorFit, fit_factors, fit_layers, resolve_backend
 from attribution_kfac.cache import FactorCache
 from attribution_kfac.curvature import Block, KroneckerCurvature, kronecker_trace
-from attribution_kfac.factors import Layer
+from attribution_kfac.options import EKFACOptions, KFACOptions
 from attribution_kfac.problem import (
-    Passes,
     check_params,
+    fit_samples,
     get_problem,
     layer_blocks,
     log,
@@ -64,56 +62,31 @@ def _mc_seed(seed: int) -> int:
     return (int(seed) * 2_654_435_761 + 97) % (2**31 - 1)
 
 
-def _eigh64(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues and eigenvectors of a symmetric factor, in float64."""
-    M = M.to(torch.float64)
-    lam, Q = torch.linalg.eigh((M + M.T) / 2)
-    return lam, Q
-
-
 class KFACHessian(HessianApproximation):
-    """K-FAC (or, with ``ekfac=True``, EK-FAC) of the GGN of ``L_D``; see the module doc."""
+    """K-FAC (or, with ``ekfac=True``, EK-FAC) of the GGN of ``L_D``; see the module doc.
+
+    Args:
+        **options: the fields of :attr:`options_model` (validated once, kept frozen).
+
+    Raises:
+        ConfigError: an option is unknown or out of range (names the key and the choices).
+    """
 
     name = "kfac"
-    ekfac = False
+    ekfac: ClassVar[bool] = False
+    options_model: ClassVar[type[KFACOptions]] = KFACOptions
 
-    def __init__(
-        self,
-        damping: float = 1e-8,
-        damping_mode: str = "absolute",
-        n_samples: int | None = None,
-        fisher: str = "mc",
-        mc_samples: int = 1,
-        approx: str = "expand",
-        separate_weight_and_bias: bool = True,
-        damping_kind: str = "exact",
-        cache: bool = True,
-        backend: str = "hooks",
-    ) -> None:
-        self.damping = damping
-        self.damping_mode = damping_mode
-        self.n_samples = n_samples
-        self.fisher = fisher
-        self.mc_samples = mc_samples
-        self.approx = approx
-        self.separate_weight_and_bias = separate_weight_and_bias
-        self.damping_kind = damping_kind
-        self.cache = cache
-        self.backend = backend
+    def __init__(self, **options: Any) -> None:
+        self.options: KFACOptions = validate_model(  # type: ignore[assignment]
+            self.options_model, options, where=f"hessian {self.name!r}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Name, space and every option (before fitting)."""
+        return {**super().describe(), **self.options.model_dump()}
 
     # ---- fit -----------------------------------------------------------------------------
-    def fit(
-        self,
-        model: nn.Module,
-        task: Task,
-        train_measurement: Measurement,
-        seed: int,
-        *,
-        params: Mapping[str, Tensor],
-        train_gradients: GradientSource,
-        cache_dir: str | None = None,
-        progress: bool = False,
-    ) -> KroneckerCurvature:
+    def fit(self, inputs: FitInputs) -> KroneckerCurvature:
         """Fit (or load) the factors and return the damped curvature.
 
         Raises:
@@ -121,43 +94,45 @@ class KFACHessian(HessianApproximation):
             NumericalError: non-finite factors (names the layer); damping 0 with a singular
                 factor.
         """
+        opts, params, task = self.options, inputs.params, inputs.task
         check_params(params, self.name)
-        n_samples = self.n_samples or max(1, int(getattr(train_measurement, "n_samples", 1)))
-        problem = get_problem(model, task, seed, n_samples, self.name)
+        n_samples = fit_samples(opts.n_samples, inputs.train_function)
+        problem = get_problem(inputs.model, task, inputs.seed, n_samples, self.name)
         plist, excluded = problem_parameters(problem, params, self.name)
-        blocks = layer_blocks(problem, params, not self.separate_weight_and_bias, self.name)
+        blocks = layer_blocks(problem, params, not opts.separate_weight_and_bias, self.name)
         layers = fit_layers(problem, blocks)
-        backend = resolve_backend(self.backend, layers, problem, self.name)
-        device = plist[0].device
-        parts = self._key_parts(model, task, seed, params, problem, n_samples, backend)
-        store = FactorCache(cache_dir) if (cache_dir is not None and self.cache) else None
+        backend = resolve_backend(opts.backend, layers, problem, self.name)
+        resolved = {"n_samples": n_samples, "backend": backend}
+        parts = self._key_parts(inputs, problem, resolved)
+        use_cache = inputs.cache_dir is not None and opts.cache
+        store = FactorCache(inputs.cache_dir) if use_cache else None
         t0 = time.perf_counter()
-        factors = store.load(parts, device) if store is not None else None
+        factors = store.load(parts, plist[0].device) if store is not None else None
         cached = factors is not None
         if factors is None:
-            factors = self._compute(problem, plist, blocks, layers, backend, seed, progress)
+            fit = FactorFit(
+                opts, self.ekfac, backend, problem, plist, blocks, layers,
+                _mc_seed(inputs.seed), inputs.progress,
+            )  # fmt: skip
+            factors = fit_factors(fit)
             if store is not None:
                 store.save(parts, factors)
         fit_seconds = time.perf_counter() - t0
         self._check_shapes(blocks, factors)
         p = sum(t.numel() for t in params.values())
-        damping = self.damping
-        if self.damping_mode == "relative":
-            damping = self.damping * (
+        damping = opts.damping
+        if opts.damping_mode == "relative":
+            damping = opts.damping * (
                 kronecker_trace(blocks, factors, problem.scale) / p + 2 * task.l2
             )
         info: dict[str, Any] = {
             "hessian": self.name,
-            "fisher": self.fisher,
-            "mc_samples": self.mc_samples,
-            "approx": self.approx,
-            "n_samples": n_samples,
-            "separate_weight_and_bias": self.separate_weight_and_bias,
+            **opts.recorded(),
+            **resolved,  # backend: the one that fitted the factors (a cache key part)
             "excluded": excluded,
             "from_cache": cached,
             "fit_seconds": fit_seconds,
             "data_passes": 0 if cached else (2 if self.ekfac else 1),
-            "backend": backend,  # the one that fitted the factors (a cache key part)
         }
         return KroneckerCurvature(
             blocks,
@@ -166,77 +141,33 @@ class KFACHessian(HessianApproximation):
             damping=damping,
             l2=task.l2,
             n_params=p,
-            damping_kind=self.damping_kind,
+            damping_kind=opts.damping_kind,
             info=info,
         )
 
     def _key_parts(
-        self,
-        model: nn.Module,
-        task: Task,
-        seed: int,
-        params: Mapping[str, Tensor],
-        problem: CurvatureProblem,
-        n_samples: int,
-        backend: str,
+        self, inputs: FitInputs, problem: CurvatureProblem, resolved: dict[str, Any]
     ) -> dict[str, Any]:
         """Everything the factors depend on (damping is applied at solve time, not cached).
 
-        ``backend`` is the resolved one: the two agree to round-off, not bit for bit, so a
-        factor fitted by one is never read back by the other.
+        The option part is :meth:`KFACOptions.factor_options` with ``resolved`` (the fit's
+        ``n_samples`` and back-end) in place of the requested values: the two back-ends agree
+        to round-off, not bit for bit, so a factor fitted by one is never read back by the other.
         """
+        params: Mapping[str, Tensor] = inputs.params
         return {
             "version": _CACHE_VERSION,
             "hessian": self.name,
-            "model": model_fingerprint(model),
-            "task": task.describe(),
-            "seed": seed,
-            "fisher": self.fisher,
-            "mc_samples": self.mc_samples,
-            "approx": self.approx,
-            "n_samples": n_samples,
-            "separate_weight_and_bias": self.separate_weight_and_bias,
+            "model": model_fingerprint(inputs.model),
+            "task": inputs.task.describe(),
+            "seed": inputs.seed,
+            **self.options.factor_options(),
+            **resolved,
             "params": layout_of(params),
             "loss": type(problem.loss_function).__name__,
             "n_rows": problem.n_rows,
             "dtype": str(next(iter(params.values())).dtype),
-            "backend": backend,
         }
-
-    def _compute(
-        self,
-        problem: CurvatureProblem,
-        plist: list[Tensor],
-        blocks: list[Block],
-        layers: list[Layer],
-        backend: str,
-        seed: int,
-        progress: bool,
-    ) -> dict[str, Tensor]:
-        """One (K-FAC) or two (EK-FAC) data passes with ``backend`` → float64 eigen-factors."""
-        data = Passes(problem.batches)
-        A, G, runner = kronecker_factors(
-            self, backend, problem, plist, layers, data, _mc_seed(seed), progress
-        )
-        named = []
-        for block in blocks:
-            named.append((block.label, "input covariance A", A.get(block.layer)))
-            named.append((block.label, "gradient covariance G", G[block.layer]))
-        check_finite(named)
-        out: dict[str, Tensor] = {}
-        for block in blocks:
-            lam_g, QG = _eigh64(G[block.layer])
-            out[f"{block.layer}|QG"], out[f"{block.layer}|lam_g"] = QG, lam_g
-            if block.layer in A:
-                lam_a, QA = _eigh64(A[block.layer])
-                out[f"{block.layer}|QA"], out[f"{block.layer}|lam_a"] = QA, lam_a
-                out[f"{block.layer}|E"] = torch.outer(lam_g, lam_a)
-            if block.bias is not None and not block.joint:
-                out[f"{block.layer}|E_bias"] = lam_g.clone()
-        if self.ekfac:
-            eigenvalue_correction(runner, data, blocks, out, plist)
-        # contiguous: the same memory layout (hence the same bits downstream) as a cache read
-        return {k: v.contiguous() for k, v in out.items()}
 
     @staticmethod
     def _check_shapes(blocks: list[Block], factors: dict[str, Tensor]) -> None:
@@ -260,3 +191,4 @@ class EKFACHessian(KFACHessian):
 
     name = "ekfac"
     ekfac = True
+    options_model = EKFACOptions

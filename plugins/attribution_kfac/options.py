@@ -1,14 +1,22 @@
-"""Options of the ``kfac``, ``ekfac`` and ``ggn-cg`` Hessian approximations (pydantic)."""
+"""Options of the ``kfac``, ``ekfac`` and ``ggn-cg`` Hessian approximations (pydantic).
+
+Each Hessian validates its keyword arguments into one frozen options object when it is built
+and keeps only that; what it records (``describe()``, hence the manifest) and the option part
+of the factor cache key are derived from the object's fields (:meth:`_Damping.recorded`,
+:meth:`KFACOptions.factor_options`), never listed by hand.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Damping(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Damping and Monte-Carlo options shared by every Hessian of this plugin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
     damping: float = Field(
         1e-8,
         ge=0.0,
@@ -23,6 +31,14 @@ class _Damping(BaseModel):
         description="Monte-Carlo draws (e.g. of (t, ε)) per training example in the fit "
         "(None: the train_function's n_samples, as for the gradients).",
     )
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as the curvature's ``describe()`` records them.
+
+        Every field except ``damping``: the curvature reports λ itself, resolved to absolute
+        units (``damping_mode`` says how it was chosen).
+        """
+        return self.model_dump(exclude={"damping"})
 
 
 class KFACOptions(_Damping):
@@ -53,6 +69,19 @@ class KFACOptions(_Damping):
         "unsupported layers/losses), curvlinops = KFACLinearOperator/EKFACLinearOperator. The "
         "back-end used is recorded in the manifest and keys the factor cache.",
     )
+
+    not_in_factors: ClassVar[frozenset[str]] = frozenset(
+        {"damping", "damping_mode", "damping_kind", "cache"}
+    )
+    """Fields the fitted factors do not depend on (applied when solving, or cache control)."""
+
+    def factor_options(self) -> dict[str, Any]:
+        """The fields the fitted factors depend on: the option part of the factor cache key.
+
+        ``n_samples`` and ``backend`` are as requested; the fit replaces them with the resolved
+        values (the train_function's draws, a back-end fallback).
+        """
+        return self.model_dump(exclude=set(self.not_in_factors))
 
     @model_validator(mode="after")
     def _check(self) -> KFACOptions:

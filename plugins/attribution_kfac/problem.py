@@ -1,16 +1,15 @@
-"""Shared set-up for curvlinops back-ends: the task's curvature problem, parameters, data passes."""
+"""Shared set-up of every fit: the task's curvature problem, its parameters, one data pass."""
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-from attribution_core.errors import ConfigError
-from attribution_core.interfaces import CurvatureProblem, Task
+from attribution_core import ConfigError, CurvatureProblem, Measurement, Task
 from attribution_kfac.curvature import Block
 
 log = logging.getLogger("attribution_kfac")
@@ -18,30 +17,31 @@ log = logging.getLogger("attribution_kfac")
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
 
-def curvlinops():
-    """Import curvlinops with its import-time DeprecationWarnings silenced (never fatal)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        import curvlinops as cl
-        from curvlinops import ekfac  # noqa: F401  (its import warns in some versions)
-    return cl
+@dataclass(frozen=True)
+class DataPass:
+    """One data pass over a curvature problem: re-iterable ``batches(index)``.
 
+    A fit builds one object per pass — ``index`` 0 for the Kronecker factors (and GGN-CG's
+    products), 1 for EK-FAC's eigenvalue correction — so each pass draws its own seeded
+    Monte-Carlo noise (the task seeds it by ``(seed, index)``) and nothing is reassigned
+    between passes. Every ``iter()`` of one object yields the same batches and noise
+    (curvlinops operators are then built with ``check_deterministic=False``).
 
-class Passes:
-    """Re-iterable data for curvlinops: each ``iter()`` is ``problem.batches(pass_index)``.
-
-    ``pass_index`` is set explicitly before each curvlinops data pass, so every pass draws
-    its own seeded Monte-Carlo noise (fresh noise per pass; curvlinops must then be built with
-    ``check_deterministic=False``).
+    Attributes:
+        batches: ``CurvatureProblem.batches``: ``index -> iterable of (inputs, targets)``.
+        index: the pass index.
     """
 
-    def __init__(self, batches: Callable[[int], Iterable[tuple[Any, Tensor]]]) -> None:
-        self.batches = batches
-        self.pass_index = 0
+    batches: Callable[[int], Iterable[tuple[Any, Tensor]]]
+    index: int = 0
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
-        return iter(self.batches(self.pass_index))
+        return iter(self.batches(self.index))
+
+
+def fit_samples(n_samples: int | None, train_function: Measurement) -> int:
+    """Monte-Carlo draws per training example in a fit: the option, else the train_function's."""
+    return n_samples or max(1, int(getattr(train_function, "n_samples", 1)))
 
 
 def get_problem(

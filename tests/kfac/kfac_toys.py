@@ -13,10 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from attribution_core import CurvatureProblem, Measurement, Task
-from attribution_core.config import as_measurement
 from attribution_core.gradients import select_parameters
-from attribution_core.interfaces import Batch
-from attribution_core.methods import ResolvedMethod
+from attribution_core.interfaces import Batch, FitInputs, MethodParts
 
 
 class SumSquaredError(Measurement):
@@ -118,34 +116,28 @@ def fit(hessian, task: ToyTask, seed: int = 0, model: nn.Module | None = None, c
     """``(model, params, curvature)`` for ``hessian`` on ``task``."""
     model = model if model is not None else task.build_model(seed)
     params, _ = select_parameters(model)
-    curv = hessian.fit(
-        model,
-        task,
-        task.training_loss(),
-        seed,
+    return model, params, hessian.fit(fit_inputs(task, model, params, seed, cache_dir))
+
+
+def fit_inputs(task: Task, model: nn.Module, params, seed: int = 0, cache_dir=None) -> FitInputs:
+    """The :class:`FitInputs` of a fit on ``task`` with its training loss (no gradient stream)."""
+    return FitInputs(
+        model=model,
+        task=task,
+        train_function=task.training_loss(),
+        seed=seed,
         params=params,
-        train_gradients=lambda: iter(()),
-        cache_dir=cache_dir,
+        cache_dir=None if cache_dir is None else str(cache_dir),
     )
-    return model, params, curv
 
 
-def resolved(label: str, hessian, compressor, train_fn: Measurement) -> ResolvedMethod:
-    """A fully built method (what ``pipeline.build_method`` produces) for the scorer."""
-    return ResolvedMethod(
-        label=label,
-        name=label,
+def method_parts(hessian, compressor, train_fn: Measurement) -> MethodParts:
+    """The built parts of an influence method (what the pipeline hands the scorer), seed 0."""
+    return MethodParts(
+        label="m",
         seed=0,
-        scorer_name="influence",
-        scorer_options={},
-        hessian_name=getattr(hessian, "name", None),
-        hessian_options={},
-        compressor_name=compressor.name,
-        compressor_options={},
-        train_function_config=as_measurement("loss"),
-        query_function_config=None,
-        hessian=hessian,
-        compressor=compressor,
         train_function=train_fn,
         query_function=train_fn,
+        hessian=hessian,
+        compressor=compressor,
     )

@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 
 from attribution_core import Component, MethodPreset, attribute, get_registry, hookimpl
 from attribution_core.gradients import gradient_chunks, select_parameters, stack_gradients
+from attribution_core.interfaces import FitInputs
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,10 @@ def test_unet_fit_and_solve(tiny_ddpm, cls, tmp_path):
     task, model = tiny_ddpm
     params, excluded = select_parameters(model)
     fn = task.training_loss(2)
-    curv = cls(damping=1e-4).fit(
-        model, task, fn, 0, params=params, train_gradients=None, cache_dir=tmp_path
+    inputs = FitInputs(
+        model=model, task=task, train_function=fn, seed=0, params=params, cache_dir=str(tmp_path)
     )
+    curv = cls(damping=1e-4).fit(inputs)
     info = curv.describe()
     assert info["n_samples"] == 2  # default: as many draws as the train_function
     assert info["scale"] == pytest.approx(1 / (16 * 2))
@@ -55,9 +57,7 @@ def test_unet_fit_and_solve(tiny_ddpm, cls, tmp_path):
     # (H + λI) X = G, checked with the dense K-FAC? too big: check gᵀ(H+λI)⁻¹g > 0 instead
     assert bool(((X * G[:3]).sum(1) > 0).all())
     # a second fit reads the cache
-    again = cls(damping=1e-4).fit(
-        model, task, fn, 0, params=params, train_gradients=None, cache_dir=tmp_path
-    )
+    again = cls(damping=1e-4).fit(inputs)
     assert again.describe()["from_cache"]
     assert torch.equal(again.solve(G[:3]), X)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attribution_kfac.kfac import EKFACHessian, KFACHessian
-from kfac_toys import fit, resolved
+from kfac_toys import fit, method_parts
 
 from attribution_core import ScoringContext
 from attribution_core.builtin.compressors import NoCompression
@@ -53,8 +53,8 @@ def block_diagonal(H: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def influence_scores(task, model, hessian, queries):
     train_fn = task.training_loss()
-    scorer = InfluenceScorer(resolved("m", hessian, NoCompression(), train_fn))
-    return scorer.scores(task, model, queries, ScoringContext(seed=0, target=train_fn))
+    scorer = InfluenceScorer(method_parts(hessian, NoCompression(), train_fn))
+    return scorer.scores(task, model, queries, ScoringContext(target=train_fn))
 
 
 @pytest.mark.parametrize("cls", HESSIANS)

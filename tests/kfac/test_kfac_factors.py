@@ -12,10 +12,7 @@
   hooks the gradient of the *modified* tensor), and (K-FAC only) a Linear called twice.
 * EK-FAC eigenvalue corrections equal ``EKFACLinearOperator.compute_eigenvalue_correction`` in
   the same (random orthogonal) eigenbases, injected into both.
-* End to end through :class:`KFACHessian` / :class:`EKFACHessian`: ``backend: hooks`` and
-  ``backend: curvlinops`` give the same curvature, solves and influence scores (toy tasks and a
-  tiny float64 DDPM); the info/manifest records the back-end; a grouped Conv2d falls back to
-  curvlinops and says so.
+* End to end through the Hessians: ``tests/kfac/test_kfac_backends.py``.
 
 Tolerance for factors and corrections: relative 1e-12 of the largest entry of curvlinops'
 tensor. Both sides draw identical pseudo-targets (same generator, same order: bit-identical
@@ -23,23 +20,21 @@ forward outputs) and sum the same float64 products in a different order (Toeplit
 unfolded patches, per-call vs per-layer accumulation), so they differ by round-off,
 ~ n·2⁻⁵³ ≈ 1e-14 relative for the ≤ a few hundred terms here; a wrong scale (1/N, 1/m, √C),
 layout ([W | b], channel order) or pseudo-target is an O(1) relative error.
-The end-to-end tolerance (``E2E_RTOL``, below) also covers float64 eigendecompositions.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from attribution_kfac import curvlinops_adapter
 from attribution_kfac.factors import FactorPasses, Layer
-from attribution_kfac.kfac import EKFACHessian, KFACHessian
-from kfac_toys import fit
+from attribution_kfac.options import KFACOptions
 from torch import nn
 
-from attribution_core.gradients import gradient_chunks, select_parameters, stack_gradients
+from attribution_core import CurvatureProblem
+from attribution_core.testing import allclose_report
 
-cl = pytest.importorskip("curvlinops")
+pytest.importorskip("curvlinops")
 
 RTOL = 1e-12
 N, BATCH, SEED = 10, 4, 1234  # batches of 4, 4, 2: the mean-reduction correction varies
@@ -144,34 +139,29 @@ def _size(X) -> int:
     return X["x_t"].shape[0] if isinstance(X, dict) else X.shape[0]
 
 
-def _operator(cls, model, loss_func, params, data, fisher, mc, approx, separate):
-    return cls(
-        model,
-        loss_func,
-        params,
-        data,
-        check_deterministic=False,
-        seed=SEED,
-        fisher_type=fisher,
-        mc_samples=mc,
-        kfac_approx=approx,
-        num_per_example_loss_terms=1,
-        separate_weight_and_bias=separate,
-        num_data=N,
-        batch_size_fn=_size,
+def _options(fisher, mc, approx, separate) -> KFACOptions:
+    return KFACOptions(
+        fisher=fisher, mc_samples=mc, approx=approx, separate_weight_and_bias=separate
     )
 
 
-def _passes(model, loss_func, layers, data, fisher, mc, approx, separate) -> FactorPasses:
+def _operator(ekfac, model, loss_func, params, data, fisher, mc, approx, separate):
+    """curvlinops' operator, built as the ``curvlinops`` back-end builds it (the adapter)."""
+    problem = CurvatureProblem(
+        model, loss_func, lambda index: data, scale=1.0, batch_size_fn=_size, n_rows=N
+    )
+    options = _options(fisher, mc, approx, separate)
+    return curvlinops_adapter.kronecker_operator(
+        problem, params, data, options, ekfac=ekfac, seed=SEED
+    )
+
+
+def _passes(model, loss_func, layers, fisher, mc, approx, separate) -> FactorPasses:
     return FactorPasses(
         model,
         loss_func,
         layers,
-        data,
-        fisher=fisher,
-        mc_samples=mc,
-        approx=approx,
-        joint=not separate,
+        _options(fisher, mc, approx, separate),
         n_data=N,
         seed=SEED,
         device=torch.device("cpu"),
@@ -179,12 +169,12 @@ def _passes(model, loss_func, layers, data, fisher, mc, approx, separate) -> Fac
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    """``got ≈ want`` to ``RTOL`` of ``want``'s largest entry (the report names the worst)."""
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    err = (got - want).abs().max().item()
     scale = want.abs().max().item()
     assert scale > 0, f"{what}: curvlinops' tensor is zero (a vacuous comparison)"
-    assert err <= RTOL * scale, f"{what}: max error {err:.3e}, max entry {scale:.3e}"
+    report = allclose_report(got, want, rtol=0.0, atol=RTOL * scale)
+    assert not report, f"{what}: {report}"
 
 
 # ---- Kronecker factors -------------------------------------------------------------------------
@@ -216,15 +206,15 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("case", KFAC_CASES, ids=_case_id)
 def test_kronecker_factors_equal_curvlinops(case, fisher, mc, approx, separate):
     model, loss_func, params, layers, data = _problem(*case)
-    op = _operator(cl.KFACLinearOperator, model, loss_func, params, data, fisher, mc, approx,
-                   separate)  # fmt: skip
-    op.compute_kronecker_factors()
-    A, G = _passes(model, loss_func, layers, data, fisher, mc, approx, separate).kronecker_factors()
-    assert set(G) == set(op._gradient_covariances) == {layer.name for layer in layers}
-    assert set(A) == set(op._input_covariances)
-    for name, want in op._input_covariances.items():
+    op = _operator(False, model, loss_func, params, data, fisher, mc, approx, separate)
+    want_A, want_G = curvlinops_adapter.kronecker_factors(op)
+    passes = _passes(model, loss_func, layers, fisher, mc, approx, separate)
+    A, G = passes.kronecker_factors(data)
+    assert set(G) == set(want_G) == {layer.name for layer in layers}
+    assert set(A) == set(want_A)
+    for name, want in want_A.items():
         _close(A[name], want, f"A of {name}")
-    for name, want in op._gradient_covariances.items():
+    for name, want in want_G.items():
         _close(G[name], want, f"G of {name}")
 
 
@@ -257,24 +247,18 @@ EK_FISHERS = FISHERS[:4]
 def test_eigenvalue_correction_equals_curvlinops(case, fisher, mc, separate):
     model, loss_func, params, layers, data = _problem(*case)
     QA, QG = _bases(layers, separate)
-    op = _operator(cl.EKFACLinearOperator, model, loss_func, params, data, fisher, mc, "expand",
-                   separate)  # fmt: skip
-    op._input_covariances_eigenvectors.update(QA)  # curvlinops rotates with what it finds here
-    op._gradient_covariances_eigenvectors.update(QG)
-    op.compute_eigenvalue_correction()
-    passes = _passes(model, loss_func, layers, data, fisher, mc, "expand", separate)
-    got = passes.eigenvalue_correction(QA, QG)
-    assert set(got) == set(op._corrected_eigenvalues)
+    op = _operator(True, model, loss_func, params, data, fisher, mc, "expand", separate)
+    # curvlinops rotates with the eigenbases the adapter injects (no factor pass of its own)
+    want = curvlinops_adapter.corrected_eigenvalues(op, data, QA, QG)
+    passes = _passes(model, loss_func, layers, fisher, mc, "expand", separate)
+    got = passes.eigenvalue_correction(data, QA, QG)
+    assert set(got) == set(want) == {layer.name for layer in layers}
     for layer in layers:
-        want = op._corrected_eigenvalues[layer.name]
-        if isinstance(want, torch.Tensor):  # [W | b] joint
-            assert set(got[layer.name]) == {"joint"}
-            _close(got[layer.name]["joint"], want, f"E of {layer.name}")
-            continue
-        pos = op._mapping[layer.name]
-        assert set(got[layer.name]) == set(pos)
-        for part, i in pos.items():
-            _close(got[layer.name][part], want[i], f"E of {layer.name}.{part}")
+        parts = {"joint"} if not separate and layer.weight and layer.bias else set()
+        parts = parts or {p for p, on in (("weight", layer.weight), ("bias", layer.bias)) if on}
+        assert set(got[layer.name]) == set(want[layer.name]) == parts
+        for part, value in want[layer.name].items():
+            _close(got[layer.name][part], value, f"E of {layer.name}.{part}")
 
 
 def test_correction_rotates_each_input_once_for_several_mc_samples(monkeypatch):
@@ -302,122 +286,11 @@ def test_correction_rotates_each_input_once_for_several_mc_samples(monkeypatch):
         counts = {}
         for mc in (1, 3):
             calls.clear()
-            passes = _passes(model, loss_func, layers, data, "mc", mc, "expand", True)
-            passes.eigenvalue_correction(QA, QG)
+            passes = _passes(model, loss_func, layers, "mc", mc, "expand", True)
+            passes.eigenvalue_correction(data, QA, QG)
             counts[mc] = len(calls)
         assert counts[1] == len(data) * sum(layer.weight for layer in layers)
         if name == "mlp":
             assert counts[3] == counts[1], counts
         else:
             assert counts[1] < counts[3] < 3 * counts[1], counts
-
-
-# ---- end to end through the Hessian ------------------------------------------------------------
-# Through ``fit`` the factors (equal to ~1e-14, above) go through float64 ``eigh`` and the damped
-# inverse: eigenvectors move by round-off / eigen-gap and the solve amplifies by up to
-# ‖H‖/λ, so curvature, solves and scores agree to ~1e-15..1e-13 relative here (measured);
-# 1e-10 (relative Frobenius norm) leaves that margin and still catches any real difference —
-# another MC seed alone changes the DDPM solves by O(1).
-E2E_RTOL = 1e-10
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.mark.parametrize("cls", [KFACHessian, EKFACHessian])
-@pytest.mark.parametrize(
-    "task_name,options",
-    [
-        ("conv_task", {"fisher": "mc", "mc_samples": 2}),
-        ("conv_task", {"fisher": "type-2", "separate_weight_and_bias": False}),
-        ("mlp_task", {"fisher": "mc", "approx": "reduce"}),
-        ("mlp_task", {"fisher": "empirical"}),
-    ],
-)
-def test_backends_agree_through_the_hessian(request, cls, task_name, options):
-    task = request.getfixturevalue(task_name)
-    model, _, hooks = fit(cls(damping=1e-3, backend="hooks", **options), task)
-    _, _, ref = fit(cls(damping=1e-3, backend="curvlinops", **options), task, model=model)
-    assert hooks.describe()["backend"] == "hooks"
-    assert ref.describe()["backend"] == "curvlinops"
-    assert _rel(hooks.dense(), ref.dense()) < E2E_RTOL
-    G = torch.randn(5, hooks.n_params, generator=torch.Generator().manual_seed(0)).double()
-    assert _rel(hooks.solve(G), ref.solve(G)) < E2E_RTOL
-
-
-@pytest.mark.parametrize("cls", [KFACHessian, EKFACHessian])
-def test_grouped_conv_falls_back_to_curvlinops(grouped_conv_task, cls):
-    task = grouped_conv_task
-    model, _, got = fit(cls(damping=1e-3, backend="hooks"), task)
-    _, _, ref = fit(cls(damping=1e-3, backend="curvlinops"), task, model=model)
-    assert got.describe()["backend"] == "curvlinops"
-    assert torch.equal(got.dense(), ref.dense())  # the same code path: the same bits
-
-
-def test_unknown_backend_is_a_config_error(conv_task):
-    from attribution_core.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="hooks, curvlinops"):
-        fit(KFACHessian(backend="nope"), conv_task)
-
-
-@pytest.fixture(scope="module")
-def ddpm64():
-    """An untrained width-8 U-Net on 12 digits, float64 (curvature is tested at any θ)."""
-    from attribution_core import get_registry
-
-    if "ddpm-digits" not in get_registry().names("task"):
-        pytest.skip("the diffusion plugin (task ddpm-digits) is not installed")
-    from attribution_diffusion.task import DDPMDigitsTask
-
-    task = DDPMDigitsTask(dtype=torch.float64, n_train=12, width=8, n_samples=2, T=50)
-    model = task.build_model(0)
-    params, _ = select_parameters(model)
-    fn = task.training_loss(2)
-    G = stack_gradients(gradient_chunks(model, fn, task.train_data(), params, seed=0))
-    return task, model, params, fn, G
-
-
-@pytest.mark.parametrize("cls", [KFACHessian, EKFACHessian])
-def test_ddpm_backends_give_the_same_scores(ddpm64, cls):
-    task, model, params, fn, G = ddpm64
-    curvs = {
-        backend: cls(damping=1e-4, backend=backend).fit(
-            model, task, fn, 0, params=params, train_gradients=None
-        )
-        for backend in ("hooks", "curvlinops")
-    }
-    assert {b: c.describe()["backend"] for b, c in curvs.items()} == {
-        "hooks": "hooks",
-        "curvlinops": "curvlinops",
-    }
-    q = {b: c.solve(G[:3]) for b, c in curvs.items()}
-    assert _rel(q["hooks"], q["curvlinops"]) < E2E_RTOL
-    scores = {b: G @ x.T for b, x in q.items()}  # (n_train, 3) influence scores
-    assert _rel(scores["hooks"], scores["curvlinops"]) < E2E_RTOL
-    assert math.isfinite(scores["hooks"].sum().item())
-
-
-def test_manifest_records_the_backend(tmp_path):
-    """Through ``attribute()``: manifest.json names the back-end that fitted the factors."""
-    import json
-
-    from attribution_core import attribute
-
-    cfg = {
-        "task": {"name": "digits-classifier", "n_train": 40, "hidden": 8, "steps": 10},
-        "methods": [
-            {"name": "ekfac-influence", "label": "hooks"},  # the default back-end
-            {"name": "ekfac-influence", "label": "curvlinops", "backend": "curvlinops"},
-        ],
-        "queries": {"count": 2},
-    }
-    res = attribute(cfg, out=tmp_path)
-    for label in ("hooks", "curvlinops"):
-        manifest = json.loads((tmp_path / label / "manifest.json").read_text())
-        assert manifest["info"]["curvature"]["backend"] == label
-    # float32 task, int8 queries: the same scores up to float32 round-off of H⁻¹g (~1e-6
-    # relative) and the rare int8 rounding step it may flip
-    a, b = (torch.from_numpy(res.scores[k]).double() for k in ("hooks", "curvlinops"))
-    assert _rel(a, b) < 1e-4
