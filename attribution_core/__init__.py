@@ -9,7 +9,7 @@ Public API::
 imports from ``attribution_core`` and from no core module directly (a test enforces this for
 the first-party plugins). Groups:
 
-* interfaces and the records passed to them — ``Task``, ``Measurement``,
+* interfaces and the records passed to them — ``Task`` (``Checkpoint``), ``Measurement``,
   ``HessianApproximation`` (``FitInputs``), ``Curvature``, ``CurvatureProblem``,
   ``GradientCompressor``, ``Scorer`` (``MethodParts``, ``ScoringContext``, ``ScoreSink``,
   ``PlanSizes``, ``Phase``), ``Executor``, ``Batch``/``Forward`` and ``batch_size``/``index_batch``;
@@ -35,6 +35,7 @@ from attribution_core.gradient_cache import GradientCache, cache_key, model_fing
 from attribution_core.gradients import GradientStream, gradient_chunks, stack_gradients
 from attribution_core.hookspecs import hookimpl
 from attribution_core.interfaces import (
+    Checkpoint,
     Curvature,
     CurvatureProblem,
     Executor,
@@ -68,6 +69,7 @@ __all__ = [
     "AttributionError",
     "AttributionResult",
     "Batch",
+    "Checkpoint",
     "Component",
     "ConfigError",
     "Curvature",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -39,6 +40,7 @@ from attribution_core.records import (
 
 __all__ = [
     "Batch",
+    "Checkpoint",
     "Curvature",
     "CurvatureProblem",
     "Executor",
@@ -128,6 +130,30 @@ class Measurement(ABC):
 # --------------------------------------------------------------------------------------------
 # Task
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    """One state of the base model's training run, as :meth:`Task.checkpoints` replays it.
+
+    Attributes:
+        step: optimiser steps taken so far (``1..T``); also Adam's step count ``t``.
+        state: ``model.state_dict()`` after ``step`` steps (detached copies), loadable into
+            ``task.build_model(seed)``.
+        lr: ``η_k``, the learning rate in force at this checkpoint (TracInCP's weight).
+        exp_avg: Adam's first moment ``m_t`` per parameter name, or None (not asked / not Adam).
+        exp_avg_sq: Adam's second moment ``v_t`` per parameter name, or None.
+        betas: Adam's ``(β₁, β₂)`` (meaningful only with moments).
+        eps: Adam's ``ε`` (meaningful only with moments).
+    """
+
+    step: int
+    state: Mapping[str, Tensor]
+    lr: float
+    exp_avg: Mapping[str, Tensor] | None = None
+    exp_avg_sq: Mapping[str, Tensor] | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
 class Task(ABC):
     """A model family and its data.
 
@@ -183,6 +209,34 @@ class Task(ABC):
         """The model trained on all of D from ``seed`` (tasks may cache it)."""
         model = self.build_model(seed)
         return self.train(model, torch.ones(self.n_train, dtype=self.dtype), seed)
+
+    def checkpoints(
+        self, seed: int, every: int, *, optimizer_state: bool = False
+    ) -> list[Checkpoint]:
+        """Replay :meth:`base_model`'s training from ``seed`` and keep a state every ``every`` steps.
+
+        Optional hook (TracInCP, Pruthi et al. 2020). The replay must be deterministic: its last
+        checkpoint is the state after the final step, equal bit for bit to ``base_model(seed)``.
+
+        Args:
+            seed: the base model's seed (initialisation and training draws).
+            every: keep the state after steps ``every, 2·every, …``; the final step ``T`` is
+                always kept (last element), so ``every ≥ T`` gives one checkpoint.
+            optimizer_state: also record Adam's moments (:attr:`Checkpoint.exp_avg_sq`, ...).
+
+        Returns:
+            Checkpoints in training order, the last one after step ``T``.
+
+        Raises:
+            NotImplementedError: by default — the task does not implement the ``checkpoints``
+                hook (tasks that do: ``linear-regression`` with ``solver: gd``,
+                ``digits-classifier``, ``ddpm-digits``).
+        """
+        raise NotImplementedError(
+            f"task {self.name!r} does not implement the Task.checkpoints hook (replaying its "
+            f"base model's training from a seed); methods that need training checkpoints "
+            f"(tracin) cannot run on it"
+        )
 
     @abstractmethod
     def make_queries(self, model: nn.Module, n: int, seed: int) -> Batch:
@@ -281,6 +335,18 @@ class HessianApproximation(ABC):
         """JSON-able facts about the approximation before fitting (recorded in plans)."""
         return {"name": self.name, "space": self.space}
 
+    def plan(self, sizes: PlanSizes) -> Phase:
+        """The ``fit`` phase for ``sizes``, without fitting (used by ``--dry-run``).
+
+        Default: parameter space — one batched forward+backward pass over the training set,
+        its own arrays not estimated; compressed space — one pass of per-example training
+        gradients. Approximations that know their memory (dense ``p×p``) override it.
+        """
+        if self.space == "compressed":
+            return Phase("fit", sizes.n_train, (), 0, f"fit {self.name!r} on training gradients")
+        note = f"fit {self.name!r} (its arrays not estimated)"
+        return Phase("fit", sizes.n_train, (), 0, note, cost="batched")
+
 
 # --------------------------------------------------------------------------------------------
 # GradientCompressor
@@ -308,6 +374,11 @@ class GradientCompressor(ABC):
     @abstractmethod
     def compress(self, gradients: Tensor) -> Tensor:
         """``(n, p) -> (n, k)``."""
+
+    def plan_bytes(self, n_params: int, itemsize: int) -> int:
+        """Bytes the compressor holds while compressing ``p = n_params`` inputs (for plans;
+        nothing is fitted). Default 0: no state of its own (``none``, ``int8``)."""
+        return 0
 
     def preferred_rows(self) -> int:
         """Rows per ``compress`` call below which it costs more per row (call after ``fit``).

@@ -77,6 +77,12 @@ class Schedule:
         ab = ab.reshape(*ab.shape, *([1] * (x0.ndim - ab.ndim)))
         return ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
 
+    def predict_x0(self, x_t: Tensor, t: Tensor, eps_pred: Tensor) -> Tensor:
+        """``x̂₀ = (x_t − √(1 − ᾱ_t) ε_θ(x_t, t)) / √ᾱ_t``: the clean image predicted at step t."""
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        ab = self.alpha_bar[t].to(x_t.dtype).reshape(shape)
+        return (x_t - (1.0 - ab).sqrt() * eps_pred) / ab.sqrt()
+
     def posterior_mean(self, x_t: Tensor, t: Tensor, eps_pred: Tensor) -> Tensor:
         """``μ_θ(x_t, t) = (x_t − β_t/√(1 − ᾱ_t) ε_θ) / √α_t``."""
         shape = (-1,) + (1,) * (x_t.ndim - 1)

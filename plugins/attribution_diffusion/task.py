@@ -15,10 +15,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from attribution_core import Batch, ConfigError, CurvatureProblem, Task, validate_model
+from attribution_core import (
+    Batch,
+    Checkpoint,
+    ConfigError,
+    CurvatureProblem,
+    Task,
+    validate_model,
+)
 from attribution_diffusion import training
 from attribution_diffusion.data import NATIVE_SIZE, load_images
 from attribution_diffusion.measurements import EpsLoss
+from attribution_diffusion.replay import replay_checkpoints
 from attribution_diffusion.sampling import sample_ddim, sample_ddpm
 from attribution_diffusion.schedule import Schedule
 from attribution_diffusion.unet import UNet, check_image_size
@@ -170,6 +178,20 @@ class DDPMDigitsTask(Task):
             seeds,
             self.schedule,
             self.train_config,
+        )
+
+    def checkpoints(
+        self, seed: int, every: int, *, optimizer_state: bool = False
+    ) -> list[Checkpoint]:
+        """States after steps ``every, 2·every, …, T`` of ``base_model(seed)``'s Adam run."""
+        return replay_checkpoints(
+            self.build_model,
+            self._x,
+            seed,
+            every,
+            self.schedule,
+            self.train_config,
+            optimizer_state=optimizer_state,
         )
 
     # ---- sampling --------------------------------------------------------------------------

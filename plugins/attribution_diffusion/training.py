@@ -15,7 +15,7 @@ independent Adams).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,17 +83,8 @@ def train(
     model: nn.Module, x: Tensor, weights: Tensor, seed: int, schedule: Schedule, cfg: TrainConfig
 ) -> nn.Module:
     """Train ``model`` in place on ``x: (N, C, H, W)`` with ``weights: (N,)``; eval mode."""
-    _check_weights(weights, x.shape[0])
-    draws = _Draws(weights.detach().cpu(), seed, schedule.T, cfg.batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ema = [p.detach().clone() for p in model.parameters()] if cfg.ema else None
-    model.train()
-    for _ in range(step_count(weights, cfg)):
-        x0, w, t, eps = draws.next(x)
-        loss = _loss(model(schedule.noised(x0, t, eps), t), eps, w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    for _ in adam_steps(model, x, weights, seed, schedule, cfg):
         if ema is not None:
             with torch.no_grad():
                 for e, p in zip(ema, model.parameters(), strict=True):
@@ -103,6 +94,27 @@ def train(
             for e, p in zip(ema, model.parameters(), strict=True):
                 p.copy_(e)
     return model.eval()
+
+
+def adam_steps(
+    model: nn.Module, x: Tensor, weights: Tensor, seed: int, schedule: Schedule, cfg: TrainConfig
+) -> Iterator[tuple[int, torch.optim.Optimizer]]:
+    """Train ``model`` in place (no EMA); yield ``(step, optimiser)`` after every Adam step.
+
+    :func:`train` and the task's training checkpoints both run this loop, so a replay from the
+    same seed reproduces the trained weights bit for bit.
+    """
+    _check_weights(weights, x.shape[0])
+    draws = _Draws(weights.detach().cpu(), seed, schedule.T, cfg.batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model.train()
+    for step in range(1, step_count(weights, cfg) + 1):
+        x0, w, t, eps = draws.next(x)
+        loss = _loss(model(schedule.noised(x0, t, eps), t), eps, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        yield step, opt
 
 
 def train_ensemble(

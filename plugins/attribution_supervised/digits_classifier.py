@@ -6,13 +6,16 @@ minibatches of all N examples (removed examples contribute weight 0), a fixed nu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from attribution_core import Batch, CurvatureProblem, Measurement, Task
+from attribution_core import Batch, Checkpoint, CurvatureProblem, Measurement, Task
 from attribution_supervised.measurements import CrossEntropy
+from attribution_supervised.replay import check_every, keep, snapshot
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -102,20 +105,40 @@ class DigitsClassifierTask(Task):
 
     def train(self, model: nn.Module, weights: Tensor, seed: int) -> nn.Module:
         """Adam on ``(1/N) Σ_j w_j CE_j + λ‖θ‖²`` over uniform minibatches, ``steps`` steps."""
+        for _ in self._adam_steps(model, weights, seed):
+            pass
+        return model.eval()
+
+    def _adam_steps(
+        self, model: nn.Module, weights: Tensor, seed: int
+    ) -> Iterator[tuple[int, torch.optim.Optimizer]]:
+        """Train in place; yield ``(step, optimiser)`` after each of the ``steps`` steps."""
         gen = torch.Generator().manual_seed(seed)
         x, y = self._data["x"], self._data["y"]
         w = weights.to(self.device, self.dtype)
         n = x.shape[0]
         opt = torch.optim.Adam(model.parameters(), lr=self.lr)
         model.train()
-        for _ in range(self.steps):
+        for step in range(1, self.steps + 1):
             idx = torch.randint(n, (min(self.bs, n),), generator=gen).to(self.device)
             ce = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
             loss = (w[idx] * ce).mean() + self.regularizer(dict(model.named_parameters()))
             opt.zero_grad()
             loss.backward()
             opt.step()
-        return model.eval()
+            yield step, opt
+
+    def checkpoints(
+        self, seed: int, every: int, *, optimizer_state: bool = False
+    ) -> list[Checkpoint]:
+        """States after steps ``every, 2·every, …, steps`` of ``base_model(seed)``'s Adam run."""
+        check_every(every)
+        model = self.build_model(seed)
+        out = []
+        for step, opt in self._adam_steps(model, torch.ones(self.n_train, dtype=self.dtype), seed):
+            if keep(step, every, self.steps):
+                out.append(snapshot(step, model, self.lr, opt if optimizer_state else None))
+        return out
 
     def make_queries(self, model: nn.Module, n: int, seed: int) -> Batch:
         """``n`` held-out examples chosen by ``seed``."""

@@ -5,19 +5,35 @@ Objective (paper eq. 4, the 1/N kept fixed when weights change)::
     L(θ) = (1/N) Σ_j w_j (y_j − θᵀx̃_j)² + λ‖θ‖²,   x̃ = [x, 1]  (θ = weight and bias)
 
 Exact Hessian: ``H = (2/N) X̃ᵀX̃ + 2λI``.
+
+``solver: gd`` replaces the closed form by ``steps`` steps of full-batch gradient descent from
+``build_model(seed)``'s initialisation, ``θ ← θ − lr·∇L(θ)`` with
+``∇L(θ) = (2/N) X̃ᵀ(w ⊙ (X̃θ − y)) + 2λθ`` (float64), which gives the task training checkpoints
+(:meth:`LinearRegressionTask.checkpoints`, for TracIn).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from attribution_core import Batch, CurvatureProblem, DataError, Measurement, Task
+from attribution_core import (
+    Batch,
+    Checkpoint,
+    ConfigError,
+    CurvatureProblem,
+    DataError,
+    Measurement,
+    Task,
+)
 from attribution_supervised.measurements import SquaredError
+from attribution_supervised.replay import check_every, keep, snapshot
 
 
 class LinearRegressionOptions(BaseModel):
@@ -32,6 +48,11 @@ class LinearRegressionOptions(BaseModel):
     path: str | None = Field(
         None, description=".npz with X (N, d), y (N,) and optionally X_query, y_query."
     )
+    solver: Literal["closed-form", "gd"] = Field(
+        "closed-form", description="closed-form: exact ridge solution; gd: full-batch GD."
+    )
+    steps: int = Field(100, ge=1, description="Gradient-descent steps (solver: gd).")
+    lr: float = Field(0.1, gt=0.0, description="Gradient-descent learning rate (solver: gd).")
 
 
 class LinearRegressionTask(Task):
@@ -48,6 +69,9 @@ class LinearRegressionTask(Task):
         ridge: float = 1e-2,
         data_seed: int = 0,
         path: str | None = None,
+        solver: str = "closed-form",
+        steps: int = 100,
+        lr: float = 0.1,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -62,6 +86,9 @@ class LinearRegressionTask(Task):
             "data_seed": data_seed,
             "path": path,
         }
+        if solver != "closed-form":  # closed-form descriptions (and cache keys) unchanged
+            self.options.update(solver=solver, steps=steps, lr=lr)
+        self.solver, self.steps, self.lr = solver, steps, lr
         self._query_pool: Batch | None = None
         if path is not None:
             X, y, self._query_pool = self._load(Path(path))
@@ -109,7 +136,11 @@ class LinearRegressionTask(Task):
         return nn.Linear(self._data["x"].shape[1], 1).to(self.device, self.dtype)
 
     def train(self, model: nn.Module, weights: Tensor, seed: int) -> nn.Module:
-        """Closed form: ``((1/N) X̃ᵀWX̃ + λI) θ = (1/N) X̃ᵀWy``."""
+        """Closed form: ``((1/N) X̃ᵀWX̃ + λI) θ = (1/N) X̃ᵀWy`` (or ``steps`` GD steps)."""
+        if self.solver == "gd":
+            for _ in self._gd_steps(model, weights):
+                pass
+            return model.eval()
         X, y = self._data["x"].double(), self._data["y"].double()
         n = X.shape[0]
         Xt = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
@@ -122,6 +153,43 @@ class LinearRegressionTask(Task):
             model.weight.copy_(theta[:-1].reshape(1, -1))
             model.bias.copy_(theta[-1:])
         return model.eval()
+
+    def _gd_steps(self, model: nn.Module, weights: Tensor) -> Iterator[int]:
+        """Full-batch GD in place (float64 iterate, copied into ``model``); yield each step."""
+        X, y = self._data["x"].double(), self._data["y"].double()
+        n = X.shape[0]
+        Xt = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
+        w = weights.to(X).reshape(-1)
+        theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]).double()
+        for step in range(1, self.steps + 1):
+            grad = 2.0 * Xt.T @ (w * (Xt @ theta - y)) / n + 2.0 * self.l2 * theta
+            theta = theta - self.lr * grad
+            with torch.no_grad():
+                model.weight.copy_(theta[:-1].reshape(1, -1))
+                model.bias.copy_(theta[-1:])
+            yield step
+
+    def checkpoints(
+        self, seed: int, every: int, *, optimizer_state: bool = False
+    ) -> list[Checkpoint]:
+        """GD states after steps ``every, 2·every, …, steps`` (``solver: gd`` only; no Adam).
+
+        Raises:
+            ConfigError: ``solver`` is ``closed-form`` (no training run to replay).
+        """
+        if self.solver != "gd":
+            raise ConfigError(
+                "task.solver: 'closed-form' has no training run to take checkpoints from; set "
+                "task.solver: gd (with task.steps, task.lr) for methods that need checkpoints"
+            )
+        check_every(every)
+        model = self.build_model(seed)
+        ones = torch.ones(self.n_train, dtype=self.dtype)
+        return [
+            snapshot(step, model, self.lr)
+            for step in self._gd_steps(model, ones)
+            if keep(step, every, self.steps)
+        ]
 
     def make_queries(self, model: nn.Module, n: int, seed: int) -> Batch:
         """Fresh draws from the synthetic distribution (or rows of X_query/y_query)."""
