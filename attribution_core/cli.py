@@ -19,15 +19,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from attribution_core.dry_run import plan_attribute, plan_bench, plan_suite
 from attribution_core.errors import AttributionError, DataError
 from attribution_core.evaluation.bench import bench as run_bench
 from attribution_core.evaluation.counterfactual import counterfactual as run_counterfactual
 from attribution_core.evaluation.suite import build_suite
+from attribution_core.integrity import record_suite_hashes, verify_suite_full
+from attribution_core.locking import directory_lock
 from attribution_core.pipeline import attribute as run_attribute
+from attribution_core.plan import RunPlan
 from attribution_core.registry import get_registry
 from attribution_core.report.render import write_report
 from attribution_core.report.topk import format_topk
 from attribution_core.report.topk import topk as run_topk
+from attribution_core.storage import DiskFullError, disk_full, full_disk_message
 
 app = typer.Typer(
     add_completion=False,
@@ -51,6 +56,14 @@ SetOption = Annotated[
 
 
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+DryRunOption = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Print the resolved plan (methods, phases, peak memory and time estimates) and "
+        "exit; nothing is trained or written.",
+    ),
+]
 
 
 def _fail(message: str) -> None:
@@ -69,15 +82,30 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except AttributionError as exc:
             _fail(str(exc))
+        except OSError as exc:
+            if not disk_full(exc):
+                raise _internal() from None
+            message = str(exc) if isinstance(exc, DiskFullError) else full_disk_message(exc)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(ExitCode.INTERNAL_ERROR) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; finished results are kept, re-run to resume", err=True)
             raise typer.Exit(130) from None
         except Exception:
-            traceback.print_exc()
-            typer.echo("internal error (exit 1): please report this with the traceback", err=True)
-            raise typer.Exit(ExitCode.INTERNAL_ERROR) from None
+            raise _internal() from None
 
     return wrapper
+
+
+def _internal() -> typer.Exit:
+    traceback.print_exc()
+    typer.echo("internal error (exit 1): please report this with the traceback", err=True)
+    return typer.Exit(ExitCode.INTERNAL_ERROR)
+
+
+def _print_plan(plan: RunPlan) -> None:
+    typer.echo(plan.format())
+    plan.check()
 
 
 @app.command("list")
@@ -125,9 +153,12 @@ def attribute(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
     set_: SetOption = None,
     quiet: QuietOption = False,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Attribute every method of CONFIG: OUT/<label>/scores.npy and manifest.json."""
 
+    if dry_run:
+        return _print_plan(plan_attribute(config, tuple(set_ or ())))
     result = run_attribute(config, out=out, overrides=tuple(set_ or ()), progress=not quiet)
     for label, manifest in result.manifests.items():
         t = manifest["timings"].get("total", 0.0)
@@ -145,9 +176,12 @@ def suite_build(
     out: Annotated[Path, typer.Option("--out", help="Suite directory (resumes if it exists).")],
     set_: SetOption = None,
     quiet: QuietOption = False,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Train base model, queries, masks, retrainings and oracle; measure targets (resumable)."""
 
+    if dry_run:
+        return _print_plan(plan_suite(config, tuple(set_ or ())))
     suite = build_suite(config, out, overrides=tuple(set_ or ()), progress=not quiet)
     for tid, r in suite.meta["reliability"].items():
         typer.echo(
@@ -158,6 +192,28 @@ def suite_build(
     typer.echo(f"suite -> {out}")
 
 
+@suite_app.command("verify")
+@guarded
+def suite_verify(
+    suite: Annotated[Path, typer.Argument(help="Suite directory.")],
+    write: Annotated[
+        bool,
+        typer.Option(
+            "--write",
+            help="Record the sizes and sha256 of the suite's files as they are now in suite.json "
+            "(migrates a suite built before integrity checks; check the files first).",
+        ),
+    ] = False,
+) -> None:
+    """Re-hash every file of SUITE against suite.json (exit 2 naming each bad file)."""
+
+    if not suite.is_dir():
+        raise DataError(f"{str(suite)!r} is not a suite directory; give the path of a built suite")
+    with directory_lock(suite, exclusive=write, what="suite"):
+        n = record_suite_hashes(suite) if write else verify_suite_full(suite)
+    typer.echo(f"suite {str(suite)!r}: {n} files {'recorded' if write else 'verified'}")
+
+
 @app.command()
 @guarded
 def bench(
@@ -165,9 +221,12 @@ def bench(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")],
     set_: SetOption = None,
     quiet: QuietOption = False,
+    dry_run: DryRunOption = False,
 ) -> None:
     """Every method on a pinned suite (no training): lds.csv, report.md, report.html, figures."""
 
+    if dry_run:
+        return _print_plan(plan_bench(config, tuple(set_ or ())))
     table = run_bench(config, out, overrides=tuple(set_ or ()), progress=not quiet)
     typer.echo(table.to_string(index=False))
     typer.echo(f"report -> {out / 'report.html'}")

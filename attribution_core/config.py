@@ -335,7 +335,13 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     if not key:
         raise ConfigError(f"--set {text!r}: empty key path")
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
-    parsed = yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"--set {text!r}: the value is not valid YAML ({msg}); quote it, e.g. KEY='\"text\"'"
+        ) from None
     if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as a string
         try:
             parsed = float(parsed)
@@ -391,8 +397,8 @@ def load_config(
         if not path.is_file():
             raise DataError(f"config file {str(path)!r} does not exist; pass a YAML file path")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")

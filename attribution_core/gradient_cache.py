@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from attribution_core.batches import Batch
-from attribution_core.storage import atomic_save_npy
+from attribution_core.storage import (
+    DiskFullError,
+    atomic_save_npy,
+    atomic_write_text,
+    disk_full,
+    full_disk_message,
+)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -88,9 +94,7 @@ class GradientCache:
 
     @staticmethod
     def _write_meta(path: Path, parts: dict[str, Any]) -> None:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(parts, default=str, sort_keys=True))
-        tmp.replace(path.with_suffix(".json"))
+        atomic_write_text(path.with_suffix(".json"), json.dumps(parts, default=str, sort_keys=True))
 
     @contextmanager
     def writer(
@@ -129,7 +133,9 @@ class GradientCache:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if disk_full(exc):
+                raise DiskFullError(exc.errno, full_disk_message(exc, path), str(path)) from None
             raise
         self._write_meta(path, parts)

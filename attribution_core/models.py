@@ -30,8 +30,15 @@ def load_model(task: Task, path: str | Path, seed: int) -> nn.Module:
         raise DataError(f"model.path: {str(path)!r} does not exist; give a .safetensors file")
     model = task.build_model(seed)
     try:
-        model.load_state_dict(load_file(str(path)))
-    except RuntimeError as exc:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a corrupted header
+        raise DataError(
+            f"model.path: {str(path)!r} is not a readable .safetensors file "
+            f"({type(exc).__name__}: {exc}); give the file a suite or `attribute` wrote"
+        ) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as exc:
         raise DataError(
             f"model.path: {str(path)!r} does not fit task {task.name!r}: {exc}"
         ) from None

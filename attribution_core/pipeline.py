@@ -33,6 +33,8 @@ from attribution_core.config import (
 )
 from attribution_core.errors import ConfigError, DataError
 from attribution_core.gradient_cache import model_fingerprint
+from attribution_core.inputs import read_query_file, run_device
+from attribution_core.integrity import check_files, file_record
 from attribution_core.interfaces import (
     Batch,
     Executor,
@@ -41,11 +43,13 @@ from attribution_core.interfaces import (
     Task,
     batch_size,
 )
+from attribution_core.locking import command_locks
 from attribution_core.methods import MethodSpec, resolve_method
 from attribution_core.models import load_model, trained_model
+from attribution_core.plan import check_memory
 from attribution_core.precision import run_precision
 from attribution_core.registry import Registry, get_registry
-from attribution_core.storage import atomic_save_npy, atomic_write_json
+from attribution_core.storage import atomic_save_npy, atomic_savez, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -148,9 +152,23 @@ def resolve(
 def build_task(resolved: Resolved) -> Task:
     """Instantiate the task with the run's dtype and device."""
     cfg = resolved.config
-    return resolved.registry.get("task", cfg.task.name).factory(
-        dtype=DTYPES[cfg.dtype], device=torch.device(cfg.device), **resolved.task_options
-    )
+    device = run_device(cfg.device)
+    try:
+        return resolved.registry.get("task", cfg.task.name).factory(
+            dtype=DTYPES[cfg.dtype], device=device, **resolved.task_options
+        )
+    except MemoryError:
+        raise ConfigError(
+            f"task: {cfg.task.name!r} with options {resolved.task_options} does not fit in "
+            f"memory; lower its sizes (e.g. n_train, dim)"
+        ) from None
+    except (RuntimeError, ValueError, OverflowError) as exc:
+        if not any(w in str(exc) for w in ("allocate", "memory", "too big", "too large")):
+            raise
+        raise ConfigError(
+            f"task: {cfg.task.name!r} with options {resolved.task_options} does not fit in "
+            f"memory ({str(exc).splitlines()[0]}); lower its sizes (e.g. n_train, dim)"
+        ) from None
 
 
 def load_or_train_model(task: Task, config: RunConfig) -> nn.Module:
@@ -173,13 +191,7 @@ def load_queries(task: Task, model: nn.Module, config: RunConfig) -> Batch:
             raise DataError(
                 f"queries.path: {q.path!r} does not exist; give an .npz of named arrays"
             )
-        with np.load(q.path) as npz:
-            queries = {
-                k: torch.as_tensor(npz[k]).to(
-                    device=task.device, dtype=train[k].dtype if k in train else None
-                )
-                for k in npz.files
-            }
+        queries = read_query_file(q.path, task, train)
     check_query_shapes(train, queries)
     return queries
 
@@ -259,12 +271,20 @@ def attribute(
     else:
         cfg = load_config(config, overrides)
         resolved = resolve(cfg, registry, task_given=task is not None)
+    with command_locks(out):
+        return _attribute(resolved, out, progress, task)
+
+
+def _attribute(
+    resolved: Resolved, out: str | Path | None, progress: bool, task: Task | None
+) -> AttributionResult:
     cfg = resolved.config
     torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     task = task if task is not None else build_task(resolved)
+    check_memory(resolved, task, cfg.queries.count)  # before any training or scoring
     model = load_or_train_model(task, cfg)
     timings["model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -367,7 +387,9 @@ class _Run:
             "plugins": reg.plugin_info(),
         }
         if self.out is not None:
-            atomic_save_npy(self.out / spec.label / "scores.npy", arr.astype(np.float32))
+            scores_path = self.out / spec.label / "scores.npy"
+            atomic_save_npy(scores_path, arr.astype(np.float32))
+            manifest["files"] = {"scores.npy": file_record(scores_path)}
             atomic_write_json(self.out / spec.label / "manifest.json", manifest)
         return arr, manifest, method
 
@@ -382,6 +404,8 @@ def _finished(
         saved = json.loads(manifest.read_text())
         if saved.get("identity") != json.loads(json.dumps(identity, default=str)):
             return None
+        if check_files(directory, saved.get("files", {}), what="its manifest"):
+            return None  # truncated or edited since: recomputed, never taken as finished
         return np.load(scores), saved
     except (ValueError, OSError):
         return None
@@ -389,7 +413,4 @@ def _finished(
 
 def save_queries(out_dir: Path, queries: Batch) -> None:
     """``OUT/queries.npz`` with every query tensor (for reports and ``topk``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".queries.tmp.npz"
-    np.savez(tmp, **{k: v.detach().cpu().numpy() for k, v in queries.items()})
-    tmp.replace(out_dir / "queries.npz")
+    atomic_savez(out_dir / "queries.npz", {k: v.detach().cpu().numpy() for k, v in queries.items()})

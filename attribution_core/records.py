@@ -163,6 +163,10 @@ class Phase:
         largest: shape of the largest array the phase holds.
         bytes: bytes of that array.
         note: what the phase does, in words.
+        cost: what one row costs: ``"per-example"`` (a per-example gradient, vmapped) or
+            ``"batched"`` (one example's share of a batched forward+backward, e.g. a K-FAC
+            factor pass); plans time each kind with its own measured rate.
+        held: bytes held besides ``largest`` during the phase (e.g. a kept projection matrix).
     """
 
     name: str
@@ -170,6 +174,8 @@ class Phase:
     largest: tuple[int, ...]
     bytes: int
     note: str = ""
+    cost: str = "per-example"
+    held: int = 0
 
 
 @dataclass
@@ -196,3 +202,27 @@ class CurvatureProblem:
     scale: float
     batch_size_fn: Callable[[Any], int] | None = None
     n_rows: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One state of the base model's training run, as :meth:`Task.checkpoints` replays it.
+
+    Attributes:
+        step: optimiser steps taken so far (``1..T``); also Adam's step count ``t``.
+        state: ``model.state_dict()`` after ``step`` steps (detached copies), loadable into
+            ``task.build_model(seed)``.
+        lr: ``η_k``, the learning rate in force at this checkpoint (TracInCP's weight).
+        exp_avg: Adam's first moment ``m_t`` per parameter name, or None (not asked / not Adam).
+        exp_avg_sq: Adam's second moment ``v_t`` per parameter name, or None.
+        betas: Adam's ``(β₁, β₂)`` (meaningful only with moments).
+        eps: Adam's ``ε`` (meaningful only with moments).
+    """
+
+    step: int
+    state: Mapping[str, Tensor]
+    lr: float
+    exp_avg: Mapping[str, Tensor] | None = None
+    exp_avg_sq: Mapping[str, Tensor] | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8

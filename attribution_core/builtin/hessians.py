@@ -17,6 +17,8 @@ from attribution_core.interfaces import (
     FitInputs,
     HessianApproximation,
     Measurement,
+    Phase,
+    PlanSizes,
     Task,
     batch_size,
     index_batch,
@@ -73,6 +75,10 @@ class IdentityHessian(HessianApproximation):
         """``(1 + λ)⁻¹ I``: nothing to fit."""
         return ScaledIdentity(self.damping)
 
+    def plan(self, sizes: PlanSizes) -> Phase:
+        """Nothing to fit: no rows, no arrays."""
+        return Phase("fit", 0, (), 0, "identity: nothing to fit")
+
 
 class DenseCurvature(Curvature):
     """Cholesky factor of ``H + λI`` (float64); ``solve`` applies its inverse."""
@@ -118,6 +124,13 @@ class DenseHessian(HessianApproximation):
         self.curvature = curvature
         self.max_params = max_params
         self.n_samples = n_samples
+
+    def plan(self, sizes: PlanSizes) -> Phase:
+        """``H`` and its factorisation: two ``(p, p)`` float64 matrices."""
+        p = sizes.n_params
+        return Phase(
+            "fit", sizes.n_train, (p, p), 2 * p * p * 8, "dense (p, p) float64 H and its factor"
+        )
 
     def fit(self, inputs: FitInputs) -> Curvature:
         """Build ``H`` (``dense_hessian``/``dense_ggn``) and factor ``H + λI``."""

@@ -191,19 +191,26 @@ def gradient_plan(sizes: PlanSizes, parts: MethodParts, *, fit: bool) -> list[Ph
     """The phases of a gradient scorer for ``sizes`` (``p`` parameters, ``k`` compressed)."""
     n, q, p, b = sizes.n_train, sizes.n_query, sizes.n_params, sizes.itemsize
     phases = []
-    if fit:
-        hess = parts.hessian.name if parts.hessian else "identity"
-        phases.append(
-            Phase("fit", n, (), 0, f"fit hessian {hess!r} (its own memory not estimated)")
-        )
+    if fit and parts.hessian is not None:
+        phases.append(parts.hessian.plan(sizes))
+    kept = parts.compressor.plan_bytes(p, b) if parts.compressor is not None else 0
+    held = f" + compressor {kept / 2**20:,.0f} MiB" if kept else ""
     phases += [
-        Phase("query_gradients", q, (q, p), q * p * b, "per-example query gradients, solved"),
+        Phase(
+            "query_gradients",
+            q,
+            (q, p),
+            q * p * b,
+            f"per-example query gradients, solved{held}",
+            held=kept,
+        ),
         Phase(
             "train_gradients_and_scores",
             n,
             (n, q),
             (n * q + sizes.chunk_size * p) * b,
-            f"per-example training gradients in chunks of {sizes.chunk_size}, scores",
+            f"per-example training gradients in chunks of {sizes.chunk_size}, scores{held}",
+            held=kept,
         ),
     ]
     return phases

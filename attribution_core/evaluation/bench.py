@@ -34,6 +34,7 @@ from attribution_core.evaluation.suite import (
     require_task,
 )
 from attribution_core.interfaces import Scorer, Task
+from attribution_core.locking import command_locks
 from attribution_core.methods import MethodSpec
 from attribution_core.pipeline import (
     AttributionResult,
@@ -45,7 +46,7 @@ from attribution_core.pipeline import (
 )
 from attribution_core.registry import Registry
 from attribution_core.report.render import write_report
-from attribution_core.storage import atomic_save_npy, atomic_write_json
+from attribution_core.storage import atomic_save_npy, atomic_savez, atomic_to_csv, atomic_write_json
 
 
 def prepare(
@@ -88,9 +89,7 @@ def prepare(
         }
     )
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".suite_queries.tmp.npz"
-    np.savez(tmp, **load_query_arrays(suite.path / "queries"))
-    tmp.replace(out / "suite_queries.npz")
+    atomic_savez(out / "suite_queries.npz", load_query_arrays(suite.path / "queries"))
     return suite, tid, resolved.rebind(bound), task
 
 
@@ -109,6 +108,11 @@ def bench(
     """
     cfg = load_config(config, overrides)
     out = Path(out)
+    with command_locks(out, cfg.evaluation.suite):
+        return _bench(cfg, out, progress, n_boot)
+
+
+def _bench(cfg: RunConfig, out: Path, progress: bool, n_boot: int) -> pd.DataFrame:
     suite, tid, resolved, task = prepare(cfg, out)
     t0 = time.perf_counter()
     # oracle scorers (exact retraining) are evaluated from the suite's oracle models: no training
@@ -168,9 +172,9 @@ def bench(
             }
         )
     table = pd.DataFrame(rows, columns=list(L.LDS_COLUMNS))
-    table.to_csv(out / "lds.csv", index=False)
+    atomic_to_csv(out / "lds.csv", table)
     pair = pd.DataFrame(L.pairwise(boots, {r["label"]: r["lds_mean"] for r in rows}))
-    pair.to_csv(out / "pairwise.csv", index=False)
+    atomic_to_csv(out / "pairwise.csv", pair)
     train_img = task.images(task.train_data())
     query_img = task.images(queries)
     if train_img is not None and query_img is not None:

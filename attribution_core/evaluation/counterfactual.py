@@ -46,9 +46,10 @@ from attribution_core.evaluation.runs import (
 )
 from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.interfaces import index_batch
+from attribution_core.locking import command_locks
 from attribution_core.pipeline import attribute, resolve
 from attribution_core.report.render import write_report
-from attribution_core.storage import atomic_save_npy, atomic_write_json
+from attribution_core.storage import atomic_save_npy, atomic_to_csv, atomic_write_json
 
 CF_COLUMNS = [
     "label",
@@ -143,8 +144,13 @@ def counterfactual(
             (checked before any work).
     """
     cfg = load_config(config, overrides)
-    cf = cfg.evaluation.counterfactual or CounterfactualConfig()
     out = Path(out)
+    with command_locks(out, cfg.evaluation.suite):
+        return _counterfactual(cfg, out, progress)
+
+
+def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
+    cf = cfg.evaluation.counterfactual or CounterfactualConfig()
     suite, task = None, None
     if cfg.evaluation.suite:
         suite, _, resolved, task = prepare(cfg, out)
@@ -271,7 +277,7 @@ def counterfactual(
                 for name, d in zip(("top", "random", "full"), dists, strict=True):
                     rows[-1][f"regen_{name}_mean"], rows[-1][f"regen_{name}_stderr"] = _mean_se(d)
     table = pd.DataFrame(rows, columns=CF_COLUMNS + (REGEN_COLUMNS if generation else []))
-    table.to_csv(out / "counterfactual.csv", index=False)
+    atomic_to_csv(out / "counterfactual.csv", table)
     regen: dict[str, Any] = {"regenerate": False}
     if generation is not None and base_distance is not None:
         regen = _regen_info(result.task, store, queries, list(top), nq, out, generation, file_of)

@@ -51,6 +51,8 @@ from attribution_core.evaluation.runs import (
     save_query_batch,
     target_id,
 )
+from attribution_core.integrity import hash_suite, verify_suite
+from attribution_core.locking import directory_lock
 from attribution_core.pipeline import (
     build_task,
     load_or_train_model,
@@ -85,7 +87,14 @@ class Suite:
                 f"{', '.join(self.targets)} — set `target` to one of them or rebuild the suite "
                 f"with it in evaluation.targets"
             )
-        return np.load(self.path / folder / f"{tid}{suffix}.npy")
+        path = self.path / folder / f"{tid}{suffix}.npy"
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(
+                f"evaluation.suite: {str(path)!r} is not a readable .npy ({exc}); restore the "
+                f"suite or rebuild it with its command: {self.meta.get('command')}"
+            ) from None
 
     def truth(self, tid: str) -> np.ndarray:
         """``(M, S, Q)`` measured targets."""
@@ -100,8 +109,14 @@ class Suite:
         return self._load("full", tid)
 
 
-def load_suite(path: str | Path | None, *, key: str = "evaluation.suite") -> Suite:
-    """Load a suite directory, or raise a :class:`DataError` naming what is missing."""
+def load_suite(
+    path: str | Path | None, *, key: str = "evaluation.suite", verify: bool = True
+) -> Suite:
+    """Load a suite directory, or raise a :class:`DataError` naming what is missing.
+
+    With ``verify`` (default) every file is checked against the sizes and sha256 hashes in
+    ``suite.json`` first (:func:`attribution_core.integrity.verify_suite`).
+    """
     if path is None:
         raise ConfigError(
             f"{key}: no suite given; set it to a suite directory (e.g. benchmarks/suites/digits2-ddpm) "
@@ -114,19 +129,44 @@ def load_suite(path: str | Path | None, *, key: str = "evaluation.suite") -> Sui
             f"{key}: {str(p)!r} is not a suite (no suite.json); build it with "
             f"`attribution suite build CONFIG --out {p}` or fix the path"
         )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("status") != "complete":
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{key}: {str(meta_path)!r} is not readable JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("status") != "complete":
+        command = meta.get("command") if isinstance(meta, dict) else None
         raise DataError(
             f"{key}: suite {str(p)!r} is incomplete (build interrupted); re-run its command to "
-            f"resume: {meta.get('command', 'attribution suite build ...')}"
+            f"resume: {command or 'attribution suite build ...'}"
         )
-    return Suite(p, meta, np.load(p / "masks.npy"))
+    if verify:
+        verify_suite(p, meta, key=key)
+    try:
+        masks = np.load(p / "masks.npy")
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{key}: {str(p / 'masks.npy')!r} is not a readable .npy ({exc})") from None
+    return Suite(p, meta, masks)
 
 
 def suite_targets(cfg: RunConfig) -> list[MeasurementConfig]:
     """The targets a suite built from ``cfg`` measures: ``evaluation.targets`` or ``[target]``."""
     refs = cfg.evaluation.targets or [cfg.target]
     return [as_measurement(r) for r in refs]
+
+
+def check_targets(cfg: RunConfig, registry: Any) -> list[MeasurementConfig]:
+    """The suite's targets, each validated (name, options, usable as a target)."""
+    targets = suite_targets(cfg)
+    for i, t in enumerate(targets):
+        comp = registry.get("measurement", t.name, where=f"evaluation.targets[{i}]")
+        registry.validate_options(
+            "measurement", t.name, t.options, where=f"evaluation.targets[{i}]"
+        )
+        if not getattr(comp.factory, "is_target", True):
+            raise ConfigError(
+                f"evaluation.targets[{i}]: {t.name!r} is a function only, not a target"
+            )
+    return targets
 
 
 def require_task(cfg: RunConfig) -> None:
@@ -170,6 +210,11 @@ def check_lds_block(cfg: RunConfig, suite: Suite) -> None:
 
 def check_masks(suite: Suite, n_train: int) -> None:
     """The suite's masks must have one column per training example of the task."""
+    if suite.masks.dtype != np.bool_:
+        raise DataError(
+            f"evaluation.suite: masks.npy of {str(suite.path)!r} has dtype {suite.masks.dtype}; "
+            f"expected bool (True = kept) — rebuild the suite with `attribution suite build`"
+        )
     if suite.masks.ndim != 2 or suite.masks.shape[1] != n_train:
         raise DataError(
             f"evaluation.suite: masks.npy of {str(suite.path)!r} has shape {suite.masks.shape}, "
@@ -193,18 +238,14 @@ def build_suite(
     """
     cfg = load_config(config, overrides)
     require_task(cfg)
+    with directory_lock(out, what="suite"):
+        return _build_suite(cfg, Path(out), progress, command)
+
+
+def _build_suite(cfg: RunConfig, out: Path, progress: bool, command: str | None) -> Suite:
     resolved = resolve(cfg)
     lds = cfg.evaluation.lds or LDSConfig()
-    targets = suite_targets(cfg)
-    for i, t in enumerate(targets):
-        comp = resolved.registry.get("measurement", t.name, where=f"evaluation.targets[{i}]")
-        resolved.registry.validate_options(
-            "measurement", t.name, t.options, where=f"evaluation.targets[{i}]"
-        )
-        if not getattr(comp.factory, "is_target", True):
-            raise ConfigError(
-                f"evaluation.targets[{i}]: {t.name!r} is a function only, not a target"
-            )
+    targets = check_targets(cfg, resolved.registry)
     executor = make_executor(cfg, resolved.registry)
     tids = [target_id(t) for t in targets]
     out = Path(out)
@@ -310,6 +351,7 @@ def build_suite(
         tid: float(np.load(out / "truth" / f"{tid}.stderr.npy").mean()) for tid in tids
     }
     meta["n_query"] = n_query
+    meta["files"] = hash_suite(out)
     meta["status"] = "complete"
     atomic_write_json(meta_path, meta)
     return load_suite(out)

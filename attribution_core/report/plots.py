@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from attribution_core.storage import atomic_savefig
+
 
 def lds_bars(
     table: pd.DataFrame, null: dict[str, float], ceiling: float | None, path: Path
@@ -33,7 +35,7 @@ def lds_bars(
     ax.set_title(f"LDS on target {table['target'].iloc[0]}")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(path, fig, dpi=110)
     plt.close(fig)
     return path
 
@@ -56,7 +58,7 @@ def damping_sweep(table: pd.DataFrame, path: Path) -> Path | None:
     ax.set_title("Damping sweep")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(path, fig, dpi=110)
     plt.close(fig)
     return path
 
@@ -84,7 +86,7 @@ def scatter(
             if i == len(labels) - 1:
                 ax.set_xlabel("predicted change", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(path, fig, dpi=100)
     plt.close(fig)
     return path
 
@@ -126,7 +128,7 @@ def image_grid(
             show(axes[q][1 + k + j], train_images[idx], f"−{j + 1}: #{idx}", "#3b4cc0")
     fig.suptitle(f"{title}: query | top-{k} positive | top-{k} negative", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(path, fig, dpi=110)
     plt.close(fig)
     return path
 
@@ -153,6 +155,6 @@ def regenerated_grid(images: np.ndarray, columns: list[str], path: Path) -> Path
         axes[q][0].set_ylabel(f"query {q}", fontsize=6)
     fig.suptitle("Query | regenerated from the same noise after retraining (seed 0)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(path, fig, dpi=110)
     plt.close(fig)
     return path

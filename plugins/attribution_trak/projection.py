@@ -310,6 +310,14 @@ class ProjectionCompressor(GradientCompressor):
             _SHARED_PHI[key] = [sjlt_transpose(p, k, s, seed, dtype, device)]
         return _SHARED_PHI[key][0]
 
+    def plan_bytes(self, n_params: int, itemsize: int) -> int:
+        """``Φ`` (``p × k``) where it is kept (fits ``max_memory_mb``; twice while it is drawn),
+        else one block of ``block_mb``; sjlt: its sparse ``(k, p)`` matrix."""
+        if self.projection == "sjlt":
+            return n_params * self.sjlt_nnz * (itemsize + 16)
+        full = n_params * self.proj_dim * itemsize
+        return 2 * full if full / 2**20 <= self.max_memory_mb else int(self.block_mb * 2**20)
+
     def _fits(self, dtype: torch.dtype) -> bool:
         itemsize = torch.finfo(dtype).bits // 8
         return self.n_params * self.proj_dim * itemsize / 2**20 <= self.max_memory_mb

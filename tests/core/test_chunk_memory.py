@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-import attribution_core.gradients as grads_mod
+import attribution_core.per_example as grads_mod
 from attribution_core import attribute
 from attribution_core.gradients import stack_gradients
 from attribution_core.wrap import ModuleTask
