@@ -13,15 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_core.config import LDSConfig, RunConfig, as_measurement, load_config
-from attribution_core.errors import ConfigError
+from attribution_core.config import LDSConfig, RunConfig, load_config
+from attribution_core.evaluation.bench import open_suite
 from attribution_core.evaluation.runs import target_id
 from attribution_core.evaluation.suite import (
-    check_lds_block,
     check_masks,
     check_targets,
     draw_masks,
-    load_suite,
     require_task,
 )
 from attribution_core.models import load_model
@@ -84,14 +82,7 @@ def plan_bench(config: Source, overrides: tuple[str, ...] = ()) -> RunPlan:
     cfg = load_config(config, overrides)
     require_task(cfg)
     resolved = resolve(cfg)
-    suite = load_suite(cfg.evaluation.suite)
-    tid = target_id(as_measurement(cfg.target))
-    if tid not in suite.targets:
-        raise ConfigError(
-            f"target: {tid!r} is not held by suite {str(suite.path)!r}; it holds "
-            f"{', '.join(suite.targets)} — set `target` to one of them (e.g. --set target=...)"
-        )
-    check_lds_block(cfg, suite)
+    suite, _ = open_suite(cfg)
     task = build_task(resolved)
     check_masks(suite, task.n_train)
     oracle = resolved.oracle_labels()

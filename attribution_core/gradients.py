@@ -75,82 +75,32 @@ def gradient_chunks(
     transform_rows: int = 0,
     rows: slice | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
-    """Like :func:`iter_gradients`, optionally transformed (compressed) and cached.
+    """``GradientStream(...).chunks()`` for callers that hold a bare ``transform`` function.
 
-    Prefer :class:`GradientStream`, which holds these arguments as one record. With ``rows``
-    only that range is yielded: read from the cache when the whole matrix is cached, computed
-    (and not cached) otherwise.
-
-    With a cache, the first pass writes the whole (transformed) matrix; later passes read it
-    back in chunks. ``transform_key`` must identify ``transform`` (e.g. the compressor's
-    ``describe()``) so that differently compressed gradients never share a file. With
-    ``transform_rows`` > ``chunk_size`` consecutive chunks are grouped into one buffer of up to
-    that many rows before ``transform`` (see :meth:`GradientCompressor.preferred_rows`); the
-    yielded pieces are then groups, and the buffer is held next to one chunk.
+    Prefer :class:`GradientStream`, which holds these arguments as one record (and takes a
+    compressor instead of ``transform``/``transform_key``/``transform_rows``).
     """
-    partial = rows is not None and _bounds(rows, batch_size(data)) != (0, batch_size(data))
-    if cache is None or (
-        partial
-        and not cache.has(
-            _cache_parts(model, measurement, data, params, seed, stream, transform_key)
-        )
-    ):
-        chunks = iter_gradients(
-            model,
-            measurement,
-            data,
-            params,
-            seed=seed,
-            stream=stream,
-            chunk_size=chunk_size,
-            progress=progress,
-            desc=desc,
-            rows=rows,
-        )
-        if transform is None:
-            yield from chunks
-        else:
-            yield from _transformed(chunks, transform, transform_rows)
-        return
-    parts = _cache_parts(model, measurement, data, params, seed, stream, transform_key)
-    key = cache_key(**parts)
-    cached = cache.load(key, parts)
-    if cached is None:
-        # rows go straight into a memory-mapped file: one chunk in memory at a time
-        chunks = gradient_chunks(
-            model,
-            measurement,
-            data,
-            params,
-            seed=seed,
-            stream=stream,
-            chunk_size=chunk_size,
-            progress=progress,
-            desc=desc,
-            transform=transform,
-            transform_rows=transform_rows,
-        )
-        first = next(chunks, None)
-        if first is None:
-            return
-        rows, G = first
-        del first  # the first chunk must not stay alive for the whole pass
-        shape = (batch_size(data), G.shape[1])
-        dtype = np.dtype(str(G.dtype).removeprefix("torch."))
-        with cache.writer(key, parts, shape, dtype) as write:
-            write(G.detach().cpu().numpy())
-            yield rows, G
-            del G
-            for rows, G in chunks:
-                write(G.detach().cpu().numpy())
-                yield rows, G
-                del G
-        return
-    device = next(iter(params.values())).device
-    first, stop = _bounds(rows, cached.shape[0])
-    for start in range(first, stop, chunk_size):
-        piece = slice(start, min(start + chunk_size, stop))
-        yield piece, torch.from_numpy(np.array(cached[piece])).to(device)
+    return GradientStream(
+        model,
+        measurement,
+        data,
+        params,
+        seed,
+        stream,
+        chunk_size,
+        cache,
+        rows=rows,
+        transform=_Transform(transform, transform_key, transform_rows) if transform else None,
+    ).chunks(progress=progress, desc=desc)
+
+
+@dataclass(frozen=True)
+class _Transform:
+    """A chunk transform: the function, what identifies it in cache keys, its group size."""
+
+    apply: Any
+    key: Any = None
+    rows: int = 0
 
 
 def _cache_parts(
@@ -253,8 +203,15 @@ class GradientStream:
         stream: noise stream (``train``, ``query``, ...).
         chunk_size: examples per ``vmap`` call.
         cache: the gradient cache (None = compute every pass).
-        compressor: applied to every chunk (grouped to its ``preferred_rows``), or None.
         rows: the row range of ``data`` this stream covers (None = all).
+        transform: applied to every chunk (grouped to its ``rows``), set by :meth:`compressed`.
+
+    With a cache, the first whole pass writes the whole (transformed) matrix (one chunk in memory
+    at a time) and later passes read it back in chunks; a restricted stream reads its rows from
+    a finished cache, or computes them (without caching) when there is none. The transform's
+    ``key`` (a compressor's ``describe()``) keeps differently compressed gradients apart. With a
+    group size above ``chunk_size``, consecutive chunks are grouped into one buffer of up to that
+    many rows before the transform (:meth:`GradientCompressor.preferred_rows`).
     """
 
     model: nn.Module
@@ -265,8 +222,8 @@ class GradientStream:
     stream: str = "train"
     chunk_size: int = 64
     cache: GradientCache | None = None
-    compressor: Any = None
     rows: slice | None = None
+    transform: _Transform | None = None
 
     @property
     def n_rows(self) -> int:
@@ -281,14 +238,25 @@ class GradientStream:
 
     def compressed(self, compressor: Any) -> GradientStream:
         """The same stream with every chunk passed through ``compressor.compress``."""
-        return replace(self, compressor=compressor)
+        t = _Transform(compressor.compress, compressor.describe(), compressor.preferred_rows())
+        return replace(self, transform=t)
 
     def chunks(
         self, *, progress: bool = False, desc: str = "gradients"
     ) -> Iterator[tuple[slice, Tensor]]:
         """Yield ``(rows, G)`` over this stream's rows (one chunk or group in memory)."""
-        c = self.compressor
-        return gradient_chunks(
+        if self.cache is None:
+            return self._computed(progress, desc)
+        parts = self._cache_parts()
+        cached = self.cache.load(cache_key(**parts), parts)
+        if cached is not None:
+            return self._read(cached)
+        if self.rows is not None and self.n_rows != batch_size(self.data):
+            return self._computed(progress, desc)  # a shard never writes the cache
+        return self._written(parts, progress, desc)
+
+    def _computed(self, progress: bool, desc: str) -> Iterator[tuple[slice, Tensor]]:
+        chunks = iter_gradients(
             self.model,
             self.measurement,
             self.data,
@@ -298,11 +266,48 @@ class GradientStream:
             chunk_size=self.chunk_size,
             progress=progress,
             desc=desc,
-            cache=self.cache,
-            transform=c.compress if c is not None else None,
-            transform_key=c.describe() if c is not None else None,
-            transform_rows=c.preferred_rows() if c is not None else 0,
             rows=self.rows,
+        )
+        t = self.transform
+        return chunks if t is None else _transformed(chunks, t.apply, t.rows)
+
+    def _written(
+        self, parts: dict[str, Any], progress: bool, desc: str
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """Compute the whole pass, writing each chunk into the cache as it is yielded."""
+        chunks = self._computed(progress, desc)
+        first = next(chunks, None)
+        if first is None:
+            return
+        rows, G = first
+        del first  # the first chunk must not stay alive for the whole pass
+        shape = (batch_size(self.data), G.shape[1])
+        dtype = np.dtype(str(G.dtype).removeprefix("torch."))
+        with self.cache.writer(cache_key(**parts), parts, shape, dtype) as write:
+            write(G.detach().cpu().numpy())
+            yield rows, G
+            del G
+            for rows, G in chunks:
+                write(G.detach().cpu().numpy())
+                yield rows, G
+                del G
+
+    def _read(self, cached: np.ndarray) -> Iterator[tuple[slice, Tensor]]:
+        device = next(iter(self.params.values())).device
+        first, stop = _bounds(self.rows, cached.shape[0])
+        for start in range(first, stop, self.chunk_size):
+            piece = slice(start, min(start + self.chunk_size, stop))
+            yield piece, torch.from_numpy(np.array(cached[piece])).to(device)
+
+    def _cache_parts(self) -> dict[str, Any]:
+        return _cache_parts(
+            self.model,
+            self.measurement,
+            self.data,
+            self.params,
+            self.seed,
+            self.stream,
+            self.transform.key if self.transform is not None else None,
         )
 
     def stack(self, *, progress: bool = False, desc: str = "gradients") -> Tensor:

@@ -49,6 +49,24 @@ from attribution_core.report.render import write_report
 from attribution_core.storage import atomic_save_npy, atomic_savez, atomic_to_csv, atomic_write_json
 
 
+def open_suite(cfg: RunConfig) -> tuple[Suite, str]:
+    """The config's suite and target id, checked: the suite holds the target, and the config's
+    ``evaluation.lds`` block (if any) agrees with the suite's.
+
+    Raises:
+        ConfigError / DataError: no or missing suite, target not held, conflicting lds block.
+    """
+    suite = load_suite(cfg.evaluation.suite)
+    tid = target_id(as_measurement(cfg.target))
+    if tid not in suite.targets:
+        raise ConfigError(
+            f"target: {tid!r} is not held by suite {str(suite.path)!r}; it holds "
+            f"{', '.join(suite.targets)} — set `target` to one of them (e.g. --set target=...)"
+        )
+    check_lds_block(cfg, suite)
+    return suite, tid
+
+
 def prepare(
     cfg: RunConfig, out: Path, registry: Registry | None = None
 ) -> tuple[Suite, str, Resolved, Task]:
@@ -65,14 +83,7 @@ def prepare(
     """
     require_task(cfg)
     resolved = resolve(cfg, registry)
-    suite = load_suite(cfg.evaluation.suite)
-    tid = target_id(as_measurement(cfg.target))
-    if tid not in suite.targets:
-        raise ConfigError(
-            f"target: {tid!r} is not held by suite {str(suite.path)!r}; it holds "
-            f"{', '.join(suite.targets)} — set `target` to one of them (e.g. --set target=...)"
-        )
-    check_lds_block(cfg, suite)
+    suite, tid = open_suite(cfg)
     task = build_task(resolved)
     check_masks(suite, task.n_train)
     bound = cfg.model_copy(

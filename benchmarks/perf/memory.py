@@ -74,7 +74,7 @@ def cycled_task(opts: dict[str, Any], n: int):
 
 def count_live_chunks():
     """Patch ``per_example_gradients`` to log ``(time, gradient tensors alive)`` per call."""
-    import attribution_core.gradients as grads_mod
+    import attribution_core.per_example as grads_mod
 
     orig = grads_mod.per_example_gradients
     state = {"alive": 0}

@@ -35,7 +35,7 @@ from _common import (
     task_options,
 )
 
-import attribution_core.gradients as grads_mod
+import attribution_core.per_example as grads_mod
 from attribution_core.pipeline import attribute
 
 METHODS = ("kfac-influence", "ekfac-influence", "trak", "d-trak")
