@@ -10,11 +10,8 @@ their config once and hand the :class:`Resolved` to :func:`attribute`.
 from __future__ import annotations
 
 import json
-import platform
-import re
 import time
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +45,7 @@ from attribution_core.methods import MethodSpec, resolve_method
 from attribution_core.models import load_model, trained_model
 from attribution_core.plan import check_memory
 from attribution_core.precision import run_precision
+from attribution_core.provenance import versions
 from attribution_core.registry import Registry, get_registry
 from attribution_core.storage import atomic_save_npy, atomic_savez, atomic_write_json
 
@@ -210,31 +208,6 @@ def check_query_shapes(train: Batch, queries: Batch) -> None:
                 f"(training data), got {tuple(queries[k].shape[1:])}"
             )
     batch_size({k: queries[k] for k in shared})
-
-
-def versions(registry: Registry | None = None) -> dict[str, str]:
-    """Versions of Python, torch, numpy, this package, each loaded plugin's distribution and
-    every installed package those distributions require (recorded in manifests)."""
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    dists = {"attribution-framework"}
-    if registry is not None:
-        dists |= {p["distribution"] for p in registry.plugin_info() if p["distribution"]}
-    for dist in sorted(dists):
-        for name in [dist, *_requirements(dist)]:
-            try:
-                out.setdefault(name, metadata.version(name))
-            except metadata.PackageNotFoundError:
-                pass
-    return out
-
-
-def _requirements(dist: str) -> list[str]:
-    """Names of the distributions ``dist`` requires (extras included)."""
-    try:
-        reqs = metadata.requires(dist) or []
-    except metadata.PackageNotFoundError:
-        return []
-    return [m.group(0) for r in reqs if (m := re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", r))]
 
 
 def attribute(
