@@ -61,6 +61,7 @@ from attribution_core.per_example import (
 )
 from attribution_core.pipeline import AttributionResult, Resolved, attribute, resolve
 from attribution_core.registry import Component, Registry, get_registry
+from attribution_core.sinks import MemmapSink, TopK, TopKSink
 from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
 
 __version__ = "0.1.0"
@@ -85,6 +86,7 @@ __all__ = [
     "Int8Compression",
     "LocalExecutor",
     "Measurement",
+    "MemmapSink",
     "MemorySink",
     "Method",
     "MethodParts",
@@ -101,6 +103,8 @@ __all__ = [
     "Scorer",
     "ScoringContext",
     "Task",
+    "TopK",
+    "TopKSink",
     "atomic_save_npy",
     "atomic_write_json",
     "attribute",

@@ -154,12 +154,21 @@ def attribute(
     set_: SetOption = None,
     quiet: QuietOption = False,
     dry_run: DryRunOption = False,
+    topk: Annotated[
+        int | None,
+        typer.Option(
+            "--topk",
+            help="Write per query only the K most positive and negative training examples "
+            "(OUT/<label>/topk.npz) instead of scores.npy (config key `topk`).",
+        ),
+    ] = None,
 ) -> None:
     """Attribute every method of CONFIG: OUT/<label>/scores.npy and manifest.json."""
 
+    sets = (*(set_ or ()), *((f"topk={topk}",) if topk is not None else ()))
     if dry_run:
-        return _print_plan(plan_attribute(config, tuple(set_ or ())))
-    result = run_attribute(config, out=out, overrides=tuple(set_ or ()), progress=not quiet)
+        return _print_plan(plan_attribute(config, sets))
+    result = run_attribute(config, out=out, overrides=sets, progress=not quiet)
     for label, manifest in result.manifests.items():
         t = manifest["timings"].get("total", 0.0)
         typer.echo(f"{label}: scores {tuple(manifest['shape'])} -> {out / label} ({t:.1f} s)")

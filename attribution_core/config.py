@@ -225,6 +225,13 @@ class RunConfig(StrictModel):
     )
     chunk_size: int = Field(64, ge=1, description="Training examples per gradient chunk.")
     cache_dir: str | None = Field(None, description="Cache for gradients and curvature factors.")
+    topk: int | None = Field(
+        None,
+        ge=1,
+        description="Write, per query, only the K most positive and K most negative training "
+        "examples (`OUT/<label>/topk.npz`) instead of the full `scores.npy`; at most n_train. "
+        "`bench` and `counterfactual` need the full scores and refuse it.",
+    )
 
     @model_validator(mode="after")
     def _precision_needs_float32(self) -> RunConfig:

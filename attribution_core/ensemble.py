@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attribution_core.interfaces import Batch, Phase, PlanSizes, Scorer, ScoringContext, Task
+from attribution_core.interfaces import (
+    Batch,
+    MemorySink,
+    Phase,
+    PlanSizes,
+    Scorer,
+    ScoringContext,
+    Task,
+)
 from attribution_core.models import trained_model
 
 
@@ -50,7 +58,7 @@ class EnsembleScorer(Scorer):
             t0 = time.perf_counter()
             member_model = model if m == 0 else trained_model(task, seed, context.cache_dir)
             train_s = time.perf_counter() - t0
-            sub = replace(context, timings={}, info={})
+            sub = replace(context, timings={}, info={}, sink=MemorySink)  # members summed here
             s = self.member(m).scores(task, member_model, queries, sub).double()
             total = s if total is None else total + s
             for phase, secs in sub.timings.items():

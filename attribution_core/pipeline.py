@@ -9,13 +9,11 @@ their config once and hand the :class:`Resolved` to :func:`attribute`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +29,6 @@ from attribution_core.config import (
 from attribution_core.errors import ConfigError, DataError
 from attribution_core.gradient_cache import model_fingerprint
 from attribution_core.inputs import read_query_file, run_device
-from attribution_core.integrity import check_files, file_record
 from attribution_core.interfaces import (
     Batch,
     Executor,
@@ -43,11 +40,12 @@ from attribution_core.interfaces import (
 from attribution_core.locking import command_locks
 from attribution_core.methods import MethodSpec, resolve_method
 from attribution_core.models import load_model, trained_model
+from attribution_core.outputs import MethodOutput, Scores, check_topk, finished
 from attribution_core.plan import check_memory
 from attribution_core.precision import run_precision
 from attribution_core.provenance import versions
 from attribution_core.registry import Registry, get_registry
-from attribution_core.storage import atomic_save_npy, atomic_savez, atomic_write_json
+from attribution_core.storage import atomic_savez, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,10 @@ class AttributionResult:
     """Scores and manifests of every method of a run.
 
     Attributes:
-        scores: label -> ``(n_train, n_query)`` array (float64 if the run's dtype is, else float32).
+        scores: label -> ``(n_train, n_query)`` array (float64 if the run's dtype is, else
+            float32). With ``out`` and a float32 run it is a read-only ``np.memmap`` of
+            ``OUT/<label>/scores.npy`` (the matrix is never held whole in memory); with
+            ``topk`` it is a :class:`~attribution_core.sinks.TopK` instead.
         manifests: label -> the manifest written to ``OUT/<label>/manifest.json``.
         task, model, queries: what was attributed (for further use from Python).
         out: output directory, or None.
@@ -101,7 +102,7 @@ class AttributionResult:
             finished output was reused).
     """
 
-    scores: dict[str, np.ndarray]
+    scores: dict[str, Scores]
     manifests: dict[str, dict[str, Any]]
     task: Task
     model: nn.Module
@@ -221,6 +222,9 @@ def attribute(
 ) -> AttributionResult:
     """Run every method of ``config``; write ``OUT/<label>/scores.npy`` and ``manifest.json``.
 
+    ``scores.npy`` is written in place (memory-mapped, allocated up front); with ``topk: K``
+    ``OUT/<label>/topk.npz`` is written instead (see :mod:`attribution_core.outputs`).
+
     A method whose ``scores.npy`` exists in ``out`` with a manifest recording the same resolved
     method and inputs is not recomputed (resume at method granularity).
 
@@ -257,6 +261,7 @@ def _attribute(
 
     t0 = time.perf_counter()
     task = task if task is not None else build_task(resolved)
+    check_topk(cfg.topk, task.n_train)
     check_memory(resolved, task, cfg.queries.count)  # before any training or scoring
     model = load_or_train_model(task, cfg)
     timings["model"] = time.perf_counter() - t0
@@ -314,31 +319,32 @@ class _Run:
         }
         if cfg.precision != "float32":  # float32 identities (and finished outputs) unchanged
             identity["precision"] = cfg.precision
+        if cfg.topk is not None:  # full-score identities unchanged
+            identity["topk"] = cfg.topk
         return identity
 
-    def method(
-        self, spec: MethodSpec, index: int
-    ) -> tuple[np.ndarray, dict[str, Any], Method | None]:
+    def method(self, spec: MethodSpec, index: int) -> tuple[Scores, dict[str, Any], Method | None]:
         """Score one method (or reuse its finished output): ``(scores, manifest, method)``."""
         cfg, reg = self.resolved.config, self.resolved.registry
         identity = self.identity(spec)
-        if self.out is not None and (done := _finished(self.out / spec.label, identity)):
+        if self.out is not None and (done := finished(self.out / spec.label, identity, cfg.topk)):
             return (*done, None)
         method = build_method(spec, reg, self.task, where=f"methods[{index}]")
+        output = MethodOutput(self.out / spec.label if self.out else None, cfg.topk, cfg.dtype)
         context = ScoringContext(
             target=self.target,
             cache_dir=cfg.cache_dir,
             chunk_size=cfg.chunk_size,
             progress=self.progress,
             executor=self.executor,
+            sink=output,
         )
         t0 = time.perf_counter()
-        with run_precision(cfg.precision, self.task.device) as precision:
-            s = method.scorer.scores(self.task, self.model, self.queries, context)
-        context.timings["total"] = time.perf_counter() - t0
-        arr = s.detach().cpu().numpy()
-        if cfg.dtype == "float32":
-            arr = arr.astype(np.float32)
+        with output:
+            with run_precision(cfg.precision, self.task.device) as precision:
+                s = method.scorer.scores(self.task, self.model, self.queries, context)
+            context.timings["total"] = time.perf_counter() - t0
+            arr, files = output.finish(s)
         manifest = {
             "label": spec.label,
             "identity": identity,
@@ -360,28 +366,9 @@ class _Run:
             "plugins": reg.plugin_info(),
         }
         if self.out is not None:
-            scores_path = self.out / spec.label / "scores.npy"
-            atomic_save_npy(scores_path, arr.astype(np.float32))
-            manifest["files"] = {"scores.npy": file_record(scores_path)}
+            manifest["files"] = files
             atomic_write_json(self.out / spec.label / "manifest.json", manifest)
         return arr, manifest, method
-
-
-def _finished(
-    directory: Path, identity: dict[str, Any]
-) -> tuple[np.ndarray, dict[str, Any]] | None:
-    scores, manifest = directory / "scores.npy", directory / "manifest.json"
-    if not (scores.is_file() and manifest.is_file()):
-        return None
-    try:
-        saved = json.loads(manifest.read_text())
-        if saved.get("identity") != json.loads(json.dumps(identity, default=str)):
-            return None
-        if check_files(directory, saved.get("files", {}), what="its manifest"):
-            return None  # truncated or edited since: recomputed, never taken as finished
-        return np.load(scores), saved
-    except (ValueError, OSError):
-        return None
 
 
 def save_queries(out_dir: Path, queries: Batch) -> None:

@@ -36,6 +36,7 @@ from attribution_core.evaluation.suite import (
 from attribution_core.interfaces import Scorer, Task
 from attribution_core.locking import command_locks
 from attribution_core.methods import MethodSpec
+from attribution_core.outputs import require_full_scores
 from attribution_core.pipeline import (
     AttributionResult,
     Resolved,
@@ -118,6 +119,7 @@ def bench(
         The ``lds.csv`` table (one row per method).
     """
     cfg = load_config(config, overrides)
+    require_full_scores(cfg.topk, "bench")
     out = Path(out)
     with command_locks(out, cfg.evaluation.suite):
         return _bench(cfg, out, progress, n_boot)
@@ -164,7 +166,7 @@ def _bench(cfg: RunConfig, out: Path, progress: bool, n_boot: int) -> pd.DataFra
             )
         else:
             scorer = scorer_of(result, method, resolved.registry, task, i)
-            scores = torch.as_tensor(scores_by[method.label], dtype=torch.float64)
+            scores = torch.from_numpy(np.array(scores_by[method.label], dtype=np.float64))
             pred = scorer.predict_subsets(masks, scores)
             seconds = float(manifests[method.label]["timings"].get("total", math.nan))
         pred = pred.detach().cpu().numpy().astype(np.float64)

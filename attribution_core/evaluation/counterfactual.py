@@ -47,6 +47,7 @@ from attribution_core.evaluation.runs import (
 from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.interfaces import index_batch
 from attribution_core.locking import command_locks
+from attribution_core.outputs import require_full_scores
 from attribution_core.pipeline import attribute, resolve
 from attribution_core.report.render import write_report
 from attribution_core.storage import atomic_save_npy, atomic_to_csv, atomic_write_json
@@ -144,6 +145,7 @@ def counterfactual(
             (checked before any work).
     """
     cfg = load_config(config, overrides)
+    require_full_scores(cfg.topk, "counterfactual")
     out = Path(out)
     with command_locks(out, cfg.evaluation.suite):
         return _counterfactual(cfg, out, progress)

@@ -30,20 +30,21 @@ def test_atomic_write_removes_its_temporary_file_on_enospc(
 
 
 def test_cli_exit_1_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fault injection: the disk fills while the second method's scores are written."""
+    """Fault injection: the disk fills when the second method's scores.npy is allocated."""
+    from attribution_core import sinks
+
     cfg = write_config(tmp_path / "cfg.yaml", LIN)
     out = tmp_path / "out"
-    real = storage.np.save
+    real = sinks.os.posix_fallocate
     calls = {"n": 0}
 
-    def save(fh, arr) -> None:  # the 1st .npy (grad-dot scores) fits, the 2nd does not
+    def fallocate(fd: int, offset: int, length: int) -> None:  # grad-dot fits, the 2nd not
         calls["n"] += 1
         if calls["n"] == 2:
-            fh.write(b"\x93NUMPY partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(fh, arr)
+        real(fd, offset, length)
 
-    monkeypatch.setattr(storage.np, "save", save)
+    monkeypatch.setattr(sinks.os, "posix_fallocate", fallocate)
     code, text = run_cli("attribute", str(cfg), "--out", str(out), "--quiet")
     assert code == 1, text
     bad = out / "dense-influence" / "scores.npy"
@@ -52,7 +53,7 @@ def test_cli_exit_1_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert not bad.exists() and not list(out.rglob(".*.tmp*"))
     finished = out / "grad-dot" / "scores.npy"
     mtime = finished.stat().st_mtime_ns
-    monkeypatch.setattr(storage.np, "save", real)
+    monkeypatch.setattr(sinks.os, "posix_fallocate", real)
     code, text = run_cli("attribute", str(cfg), "--out", str(out), "--quiet")
     assert code == 0, text
     assert finished.stat().st_mtime_ns == mtime and bad.is_file()
