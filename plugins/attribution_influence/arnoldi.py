@@ -30,11 +30,9 @@ from attribution_core import (
     ConfigError,
     Curvature,
     FitInputs,
-    HessianApproximation,
     NumericalError,
-    validate_model,
 )
-from attribution_influence.ggn import GGNProducts, curvature_problem
+from attribution_influence.ggn import GGNHessian
 from attribution_influence.krylov import arnoldi
 
 
@@ -113,7 +111,7 @@ class LowRankCurvature(Curvature):
         }
 
 
-class ArnoldiHessian(HessianApproximation):
+class ArnoldiHessian(GGNHessian):
     """Top-r eigenspace of the GGN by Arnoldi; influence restricted to it (module doc).
 
     Args:
@@ -125,22 +123,13 @@ class ArnoldiHessian(HessianApproximation):
 
     name = "arnoldi"
 
-    def __init__(self, **options: Any) -> None:
-        self.options: ArnoldiOptions = validate_model(  # type: ignore[assignment]
-            ArnoldiOptions, options, where=f"hessian {self.name!r}"
-        )
-
-    def describe(self) -> dict[str, Any]:
-        """Name, space and every option (before fitting)."""
-        return {**super().describe(), **self.options.model_dump()}
+    options_model = ArnoldiOptions
 
     def fit(self, inputs: FitInputs) -> LowRankCurvature:
         """Run ``iterations`` Arnoldi steps on the full GGN and keep the top ``rank`` pairs."""
         opts = self.options
         t0 = time.perf_counter()
-        n_samples = opts.n_samples or max(1, int(getattr(inputs.train_function, "n_samples", 1)))
-        problem = curvature_problem(inputs.model, inputs.task, inputs.seed, n_samples, self.name)
-        ggn = GGNProducts(problem, inputs.params, self.name, opts.max_rows)
+        n_samples, ggn = self.products(inputs)
         p = ggn.n_params
         rank = min(opts.rank, p)
         steps = min(p, opts.iterations or 3 * rank)

@@ -24,13 +24,21 @@ its Hessian ``2·l2·I`` to the damping, as ``ggn-cg`` does.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from attribution_core import ConfigError, CurvatureProblem, Task
+from attribution_core import (
+    ConfigError,
+    CurvatureProblem,
+    FitInputs,
+    HessianApproximation,
+    Task,
+    validate_model,
+)
 
 
 def curvature_problem(model: Any, task: Task, seed: int, n_samples: int, who: str):
@@ -157,3 +165,30 @@ class GGNProducts:
             out += self._chunk(_take(self.inputs, sel), self.targets[sel], Vm).double()
         self.products += V.shape[1] * index.numel() / self.n_rows
         return out * (self.scale * self.n_rows / index.numel())
+
+
+class GGNHessian(HessianApproximation):
+    """Base of the Hessians built on :class:`GGNProducts` (``lissa``, ``arnoldi``).
+
+    Subclasses set ``options_model`` (a pydantic model with ``n_samples`` and ``max_rows``);
+    the options are validated once, when the Hessian is built, and kept read-only.
+
+    Raises:
+        ConfigError: an option is unknown or out of range.
+    """
+
+    options_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, **options: Any) -> None:
+        self.options = validate_model(self.options_model, options, where=f"hessian {self.name!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """Name, space and every option (before fitting)."""
+        return {**super().describe(), **self.options.model_dump()}
+
+    def products(self, inputs: FitInputs) -> tuple[int, GGNProducts]:
+        """``(n_samples, GGN-vector products)`` on pass 0 of the task's curvature problem."""
+        opts = self.options
+        n_samples = opts.n_samples or max(1, int(getattr(inputs.train_function, "n_samples", 1)))
+        problem = curvature_problem(inputs.model, inputs.task, inputs.seed, n_samples, self.name)
+        return n_samples, GGNProducts(problem, inputs.params, self.name, opts.max_rows)

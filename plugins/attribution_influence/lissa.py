@@ -39,11 +39,9 @@ from torch import Tensor
 from attribution_core import (
     Curvature,
     FitInputs,
-    HessianApproximation,
     NumericalError,
-    validate_model,
 )
-from attribution_influence.ggn import GGNProducts, curvature_problem
+from attribution_influence.ggn import GGNHessian, GGNProducts
 from attribution_influence.krylov import arnoldi
 
 SCALE_STEPS = 20
@@ -193,7 +191,7 @@ class LiSSACurvature(Curvature):
         }
 
 
-class LiSSAHessian(HessianApproximation):
+class LiSSAHessian(GGNHessian):
     """LiSSA's stochastic inverse-GGN products (module doc).
 
     Args:
@@ -205,22 +203,13 @@ class LiSSAHessian(HessianApproximation):
 
     name = "lissa"
 
-    def __init__(self, **options: Any) -> None:
-        self.options: LiSSAOptions = validate_model(  # type: ignore[assignment]
-            LiSSAOptions, options, where=f"hessian {self.name!r}"
-        )
-
-    def describe(self) -> dict[str, Any]:
-        """Name, space and every option (before fitting)."""
-        return {**super().describe(), **self.options.model_dump()}
+    options_model = LiSSAOptions
 
     def fit(self, inputs: FitInputs) -> LiSSACurvature:
         """Materialise the rows, resolve ``scale`` and ``depth``; the recursion runs in solve."""
         opts = self.options
         t0 = time.perf_counter()
-        n_samples = opts.n_samples or max(1, int(getattr(inputs.train_function, "n_samples", 1)))
-        problem = curvature_problem(inputs.model, inputs.task, inputs.seed, n_samples, self.name)
-        ggn = GGNProducts(problem, inputs.params, self.name, opts.max_rows)
+        n_samples, ggn = self.products(inputs)
         total_damping = opts.damping + 2.0 * inputs.task.l2
         info: dict[str, Any] = {"n_samples": n_samples, "n_params": ggn.n_params}
         scale = opts.scale
