@@ -23,6 +23,9 @@ from attribution_core.dry_run import plan_attribute, plan_bench, plan_suite
 from attribution_core.errors import AttributionError, DataError
 from attribution_core.evaluation.bench import bench as run_bench
 from attribution_core.evaluation.counterfactual import counterfactual as run_counterfactual
+from attribution_core.evaluation.metasmoothness import DEFAULT_FD_STEPS, DEFAULT_H
+from attribution_core.evaluation.metasmoothness import metasmoothness as run_metasmoothness
+from attribution_core.evaluation.single import split_draw_line
 from attribution_core.evaluation.suite import build_suite
 from attribution_core.integrity import record_suite_hashes, verify_suite_full
 from attribution_core.locking import directory_lock
@@ -81,7 +84,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except typer.Exit:
             raise
         except AttributionError as exc:
-            _fail(str(exc))
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             if not disk_full(exc):
                 raise _internal() from None
@@ -193,6 +197,9 @@ def suite_build(
         return _print_plan(plan_suite(config, tuple(set_ or ())))
     suite = build_suite(config, out, overrides=tuple(set_ or ()), progress=not quiet)
     for tid, r in suite.meta["reliability"].items():
+        if "split_draw_r" in r:  # single-model suite: the ceiling is the split-draw reliability
+            typer.echo(split_draw_line(tid, r))
+            continue
         typer.echo(
             f"{tid}: split-seed r {r['split_seed_r']:.3f}, reliability {r['reliability']:.3f}, "
             f"between/within variance {r['variance_ratio']:.3g}"
@@ -285,6 +292,62 @@ def report(
         )
     md, html = write_report(directory)
     typer.echo(f"report -> {md}, {html}")
+
+
+def _floats(values: list[str] | None, default: tuple[float, ...], flag: str) -> list[float]:
+    """``--h 1e-1,1e-2`` or repeated ``--h 1e-1 --h 1e-2`` as floats (default when absent)."""
+    if not values:
+        return list(default)
+    out = []
+    for part in (p for v in values for p in v.split(",") if p.strip()):
+        try:
+            out.append(float(part))
+        except ValueError:
+            _fail(f"{flag} {part!r}: not a number; give e.g. {flag} 1e-1,1e-2")
+    return out
+
+
+@app.command()
+@guarded
+def metasmoothness(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML); dtype: float64 recommended.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Writes OUT/metasmoothness.json.")
+    ] = None,
+    h: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--h", help="Def. 2 step sizes (comma-separated or repeated; default 1e-1,1e-2,1e-3)."
+        ),
+    ] = None,
+    pairs: Annotated[
+        int, typer.Option("--pairs", help="(j, query) pairs of the finite-difference table.")
+    ] = 2,
+    fd_steps: Annotated[
+        list[str] | None,
+        typer.Option("--fd-steps", help="Finite-difference step sizes (default 1e-1 … 1e-5)."),
+    ] = None,
+    direction_seed: Annotated[
+        int | None, typer.Option("--direction-seed", help="Seed of v (default: the run seed).")
+    ] = None,
+    set_: SetOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Is the task's training smooth in the data weights? Def. 2 score and finite differences."""
+
+    report = run_metasmoothness(
+        config,
+        out,
+        overrides=tuple(set_ or ()),
+        hs=_floats(h, DEFAULT_H, "--h"),
+        pairs=pairs,
+        fd_steps=_floats(fd_steps, DEFAULT_FD_STEPS, "--fd-steps"),
+        direction_seed=direction_seed,
+        log=None if quiet else (lambda line: typer.echo(line, err=True)),
+    )
+    typer.echo(report.markdown())
+    if out is not None:
+        typer.echo(f"metasmoothness -> {out / 'metasmoothness.json'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -158,6 +158,34 @@ class LDSConfig(StrictModel):
         description="Models per train_ensemble call (one executor job; the resume unit "
         "is still one file per model).",
     )
+    protocol: Literal["distributional", "single-model"] = Field(
+        "distributional",
+        description="distributional: retrain each subset from fresh seeds (what a model trained "
+        "on D∖S does on average); single-model: retrain with the base model's seed, "
+        "initialisation and whole draw stream (what *this* model learned from x_j). `bench` "
+        "takes the protocol from the suite.",
+    )
+    cross_seeds: int = Field(
+        0,
+        ge=0,
+        description="single-model only: K other seeds under which the base model and the first "
+        "32 masks are retrained too (bench reports lds_cross_seed).",
+    )
+    cross_seed_scope: Literal["stream", "init+stream"] = Field(
+        "stream",
+        description="What the cross seeds change: stream (same initialisation, other data order "
+        "and noise) or init+stream (both).",
+    )
+
+    @model_validator(mode="after")
+    def _cross_seeds_need_single_model(self) -> LDSConfig:
+        if self.cross_seeds and self.protocol != "single-model":
+            raise ValueError(
+                f"cross_seeds: {self.cross_seeds} needs protocol: single-model (cross-seed "
+                f"transfer asks how a single model's attribution carries over to other seeds); "
+                f"set protocol: single-model or remove cross_seeds"
+            )
+        return self
 
 
 class CounterfactualConfig(StrictModel):
@@ -183,6 +211,20 @@ class EvaluationConfig(StrictModel):
     )
     lds: LDSConfig | None = None
     counterfactual: CounterfactualConfig | None = None
+    loo: bool = Field(
+        False,
+        description="single-model suites: also retrain every leave-one-out model (N runs) and "
+        "add the additive leave-one-out row to bench.",
+    )
+
+    @model_validator(mode="after")
+    def _loo_needs_single_model(self) -> EvaluationConfig:
+        if self.loo and (self.lds is None or self.lds.protocol != "single-model"):
+            raise ValueError(
+                "loo: true needs evaluation.lds.protocol: single-model (leave-one-out models "
+                "are retrained with the base model's seed); set the protocol or remove loo"
+            )
+        return self
 
 
 class ExecutorConfig(OpenModel):
@@ -224,6 +266,22 @@ class RunConfig(StrictModel):
         "scores kept float32. Needs dtype float32. Recorded in each manifest.",
     )
     chunk_size: int = Field(64, ge=1, description="Training examples per gradient chunk.")
+    shards: int = Field(
+        1,
+        ge=1,
+        description="Training-set shards (row ranges, multiples of chunk_size): the unit of "
+        "distribution on the executor (one Ray task each), of resume after a killed run, and of "
+        "the fixed-order sums of curvature statistics. Same shards and threads: the same bits "
+        "on any executor. See docs/running-at-scale.md.",
+    )
+    query_block: int | None = Field(
+        None,
+        ge=1,
+        description="Compute query gradients in blocks of this many (only one block's raw "
+        "gradients, block × p, are alive). Prepared (preconditioned/compressed) blocks share one "
+        "training pass while they fit 256 MiB, else each group costs a pass (read back from the "
+        "gradient cache when cache_dir is set). None: all queries at once.",
+    )
     cache_dir: str | None = Field(None, description="Cache for gradients and curvature factors.")
     topk: int | None = Field(
         None,

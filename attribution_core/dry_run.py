@@ -14,12 +14,14 @@ import numpy as np
 import torch
 
 from attribution_core.config import LDSConfig, RunConfig, load_config
+from attribution_core.evaluation import single
 from attribution_core.evaluation.bench import open_suite
 from attribution_core.evaluation.runs import target_id
 from attribution_core.evaluation.suite import (
     check_masks,
     check_targets,
     draw_masks,
+    kept_count,
     require_task,
 )
 from attribution_core.models import load_model
@@ -110,8 +112,23 @@ def plan_suite(config: Source, overrides: tuple[str, ...] = ()) -> RunPlan:
     lds = cfg.evaluation.lds or LDSConfig()
     task = build_task(resolved)
     draw_masks(task.n_train, 2, lds.kept_fraction, cfg.seed)  # checks ⌊αN⌋ before work
+    is_single = lds.protocol == single.SINGLE
+    if is_single:
+        single.check_single_model(cfg, task, resolved.registry, targets)
     plan = plan_run(resolved.only([]), task, command="suite build", n_query=cfg.queries.count)
     models = lds.subsets * (lds.seeds + 1) + lds.seeds + 1
+    what = f"{lds.subsets} subsets x ({lds.seeds} seeds + oracle) + {lds.seeds} full-data + base"
+    if is_single:
+        runs = single.runs_of(
+            np.zeros((lds.subsets, task.n_train), bool), lds, 0, cfg.evaluation.loo
+        )
+        models = len(runs) + 1
+        cross = min(single.CROSS_MASKS, lds.subsets)
+        what = (
+            f"single-model: {lds.subsets} subsets + base"
+            + (f", {lds.cross_seeds} cross seed(s) x (full + {cross})" if lds.cross_seeds else "")
+            + (f" + {task.n_train} leave-one-out" if cfg.evaluation.loo else "")
+        )
     steps = _training_rows(task)
     n_params = plan.sizes.n_params
     pr = plan.probe
@@ -122,8 +139,7 @@ def plan_suite(config: Source, overrides: tuple[str, ...] = ()) -> RunPlan:
         models * steps[0],
         (lds.batch, n_params),
         lds.batch * (state + act),
-        f"{models} models ({lds.subsets} subsets x ({lds.seeds} seeds + oracle) + "
-        f"{lds.seeds} full-data + base), {lds.batch} at a time; {steps[0]} example "
+        f"{models} models ({what}), {lds.batch} at a time; {steps[0]} example "
         f"forward+backwards each; targets: {', '.join(target_id(t) for t in targets)}",
         cost="batched",
     )
@@ -133,7 +149,7 @@ def plan_suite(config: Source, overrides: tuple[str, ...] = ()) -> RunPlan:
     )
     plan.methods["suite"] = {
         "masks": [lds.subsets, task.n_train],
-        "kept": int(np.floor(lds.kept_fraction * task.n_train)),
+        "kept": kept_count(lds.kept_fraction, task.n_train),
     }
     plan.notes.append(
         "retraining time = models x (train_steps x batch_size) x the measured per-example "

@@ -1,10 +1,14 @@
-"""Exception types. User mistakes subclass ``ValueError`` and map to exit code 2 in the CLI."""
+"""Exception types. User mistakes subclass ``ValueError`` and map to exit code 2 in the CLI;
+:class:`JobFailedError` (work that failed for a system reason) maps to exit code 1, still as one
+line without a traceback."""
 
 from __future__ import annotations
 
 
 class AttributionError(ValueError):
     """Bad input from the user: a config value, a file, a shape. CLI exit code 2."""
+
+    exit_code = 2
 
 
 class ConfigError(AttributionError):
@@ -17,3 +21,10 @@ class DataError(AttributionError):
 
 class NumericalError(AttributionError):
     """NaN/Inf or a singular system; the message says where (layer, chunk) and by how much."""
+
+
+class JobFailedError(AttributionError):
+    """A job failed for a system reason (a worker or node died more often than retries allow):
+    not bad input, so CLI exit code 1; the message says how to resume."""
+
+    exit_code = 1

@@ -153,6 +153,7 @@ def _transformed(
             continue
         if buf is None:
             buf = torch.empty(group, G.shape[1], dtype=G.dtype, device=G.device)
+            start = rows.start  # a restricted stream's rows do not start at 0
         if filled + G.shape[0] > group:  # flush before overflowing
             yield slice(start, start + filled), flush()
             start, filled = start + filled, 0
@@ -207,8 +208,9 @@ class GradientStream:
         transform: applied to every chunk (grouped to its ``rows``), set by :meth:`compressed`.
 
     With a cache, the first whole pass writes the whole (transformed) matrix (one chunk in memory
-    at a time) and later passes read it back in chunks; a restricted stream reads its rows from
-    a finished cache, or computes them (without caching) when there is none. The transform's
+    at a time) and later passes read it back in chunks; a restricted stream (a shard) reads its
+    rows from a finished whole-matrix entry, else from its own entry (keyed by its rows), which
+    its first pass writes — so a shard's fit pass and its scoring pass compute gradients once. The transform's
     ``key`` (a compressor's ``describe()``) keeps differently compressed gradients apart. With a
     group size above ``chunk_size``, consecutive chunks are grouped into one buffer of up to that
     many rows before the transform (:meth:`GradientCompressor.preferred_rows`).
@@ -251,8 +253,12 @@ class GradientStream:
         cached = self.cache.load(cache_key(**parts), parts)
         if cached is not None:
             return self._read(cached)
-        if self.rows is not None and self.n_rows != batch_size(self.data):
-            return self._computed(progress, desc)  # a shard never writes the cache
+        start, stop = _bounds(self.rows, batch_size(self.data))
+        if stop - start != batch_size(self.data):  # a shard: its own rows' entry
+            parts = {**parts, "rows": [start, stop]}
+            cached = self.cache.load(cache_key(**parts), parts)
+            if cached is not None:
+                return self._read(cached, offset=start)
         return self._written(parts, progress, desc)
 
     def _computed(self, progress: bool, desc: str) -> Iterator[tuple[slice, Tensor]]:
@@ -281,7 +287,7 @@ class GradientStream:
             return
         rows, G = first
         del first  # the first chunk must not stay alive for the whole pass
-        shape = (batch_size(self.data), G.shape[1])
+        shape = (self.n_rows, G.shape[1])
         dtype = np.dtype(str(G.dtype).removeprefix("torch."))
         with self.cache.writer(cache_key(**parts), parts, shape, dtype) as write:
             write(G.detach().cpu().numpy())
@@ -292,12 +298,14 @@ class GradientStream:
                 yield rows, G
                 del G
 
-    def _read(self, cached: np.ndarray) -> Iterator[tuple[slice, Tensor]]:
+    def _read(self, cached: np.ndarray, offset: int = 0) -> Iterator[tuple[slice, Tensor]]:
+        """Chunks of a cached matrix whose row 0 is data row ``offset`` (a shard's entry)."""
         device = next(iter(self.params.values())).device
-        first, stop = _bounds(self.rows, cached.shape[0])
+        first, stop = _bounds(self.rows, offset + cached.shape[0])
         for start in range(first, stop, self.chunk_size):
             piece = slice(start, min(start + self.chunk_size, stop))
-            yield piece, torch.from_numpy(np.array(cached[piece])).to(device)
+            local = slice(piece.start - offset, piece.stop - offset)
+            yield piece, torch.from_numpy(np.array(cached[local])).to(device)
 
     def _cache_parts(self) -> dict[str, Any]:
         return _cache_parts(

@@ -37,6 +37,12 @@ from attribution_core.records import (
     SinkFactory,
 )
 from attribution_core.task import Measurement, Task
+from attribution_core.training_step import (
+    OptimizerConfig,
+    OptimizerState,
+    StepBatch,
+    TrainingRecipe,
+)
 
 __all__ = [
     "Batch",
@@ -51,13 +57,17 @@ __all__ = [
     "Measurement",
     "MemorySink",
     "MethodParts",
+    "OptimizerConfig",
+    "OptimizerState",
     "Phase",
     "PlanSizes",
     "ScoreSink",
     "Scorer",
     "ScoringContext",
     "SinkFactory",
+    "StepBatch",
     "Task",
+    "TrainingRecipe",
     "batch_size",
     "index_batch",
 ]
@@ -200,7 +210,12 @@ class Scorer(ABC):
         return [Phase("scores", sizes.n_train, shape, shape[0] * shape[1] * sizes.itemsize)]
 
     def predict_subsets(
-        self, masks: Tensor, scores: Tensor, *, oracle: Tensor | None = None
+        self,
+        masks: Tensor,
+        scores: Tensor,
+        *,
+        oracle: Tensor | None = None,
+        removed_weight: float = 0.0,
     ) -> Tensor:
         """Predicted change of the target when training on kept examples only.
 
@@ -209,9 +224,13 @@ class Scorer(ABC):
             scores: ``(N, Q)`` from :meth:`scores`.
             oracle: ``(M, Q)`` the suite's retrained-model predictions for these masks, passed
                 only to scorers with ``uses_oracle``; the additive default ignores it.
+            removed_weight: ``r``, the weight the "removed" examples keep (0 = removal). To first
+                order, down-weighting by ``1 − r`` moves the target ``1 − r`` times as far as
+                removing; the harness passes it only when ``r ≠ 0`` (overrides written before it
+                existed keep working on removal suites).
 
         Returns:
-            ``(M, Q)``: additive default ``(1/N) · (~masks) @ scores`` (paper eq. 6).
+            ``(M, Q)``: additive default ``(1 − r) · (1/N) · (~masks) @ scores`` (paper eq. 6).
         """
         if masks.ndim != 2 or masks.shape[1] != scores.shape[0]:
             raise ValueError(
@@ -219,7 +238,8 @@ class Scorer(ABC):
                 f"training examples, got {tuple(masks.shape)}."
             )
         removed = (~masks.bool()).to(scores.dtype)
-        return removed @ scores / scores.shape[0]
+        pred = removed @ scores / scores.shape[0]
+        return pred if removed_weight == 0 else pred * (1.0 - float(removed_weight))
 
 
 # --------------------------------------------------------------------------------------------

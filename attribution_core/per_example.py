@@ -4,7 +4,10 @@
   model); everything else is listed as excluded and held fixed.
 * Monte-Carlo noise for example ``i`` comes from a generator seeded by ``(seed, stream, i)``
   (:func:`example_noise`), so draws are independent of chunking and identical for every method
-  and model (common random numbers).
+  and model (common random numbers). Curvature passes use the same convention
+  (:func:`example_generator` with a ``pass_index``; streams ``fit`` for a task's (t, ε) draws,
+  ``mc-target`` for MC-Fisher pseudo-targets), so a row range computes the same rows wherever
+  it runs (:func:`row_chunks` splits one).
 * ``G: (B, p)`` rows are flattened in the order of the parameter dict (``layout``).
 """
 
@@ -24,7 +27,7 @@ from attribution_core.precision import gradient_autocast
 from attribution_core.progress import progress_bar
 
 CURVATURE_MODULES = (nn.Linear, nn.Conv2d)
-_STREAMS = {"train": 1, "query": 2, "target": 3, "fit": 4}
+_STREAMS = {"train": 1, "query": 2, "target": 3, "fit": 4, "mc-target": 5}
 
 
 def select_parameters(model: nn.Module) -> tuple[dict[str, Tensor], list[str]]:
@@ -49,12 +52,32 @@ def layout_of(params: Mapping[str, Tensor]) -> list[tuple[str, int]]:
     return [(n, p.numel()) for n, p in params.items()]
 
 
-def example_generator(seed: int, stream: str, index: int) -> torch.Generator:
-    """The CPU generator for example ``index`` of ``stream`` (train/query/target/fit)."""
-    mixed = (int(seed) * 1_000_003 + _STREAMS[stream] * 7_919 + int(index) * 2_654_435_761) % (
-        2**63
-    )
+def example_generator(seed: int, stream: str, index: int, pass_index: int = 0) -> torch.Generator:
+    """The CPU generator for example ``index`` of ``stream`` in data pass ``pass_index``.
+
+    Streams: ``train`` / ``query`` / ``target`` (gradients), ``fit`` (a curvature problem's
+    Monte-Carlo draws, e.g. DDPM (t, ε), per training example) and ``mc-target`` (MC-Fisher
+    pseudo-targets, per loss row). ``pass_index`` separates the passes of one fit (0: factors,
+    1: EK-FAC's correction); 0 gives the same generators as before passes existed.
+    """
+    mixed = (
+        int(seed) * 1_000_003
+        + _STREAMS[stream] * 7_919
+        + int(index) * 2_654_435_761
+        + int(pass_index) * 104_729
+    ) % (2**63)
     return torch.Generator().manual_seed(mixed)
+
+
+def row_chunks(rows: slice | None, n: int, size: int) -> Iterator[slice]:
+    """Consecutive chunks of at most ``size`` rows over ``rows`` of ``0..n`` (None = all).
+
+    A curvature problem's ``batches(pass_index, rows)`` iterates these: chunks start at
+    ``rows.start``, so a restricted pass yields exactly its rows, in order.
+    """
+    first, stop = _bounds(rows, n)
+    for start in range(first, stop, max(1, int(size))):
+        yield slice(start, min(start + size, stop))
 
 
 def example_noise(

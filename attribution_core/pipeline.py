@@ -45,6 +45,7 @@ from attribution_core.plan import check_memory
 from attribution_core.precision import run_precision
 from attribution_core.provenance import versions
 from attribution_core.registry import Registry, get_registry
+from attribution_core.shards import ShardRunner, ShardStore
 from attribution_core.storage import atomic_savez, atomic_write_json
 
 
@@ -259,6 +260,9 @@ def _attribute(
     torch.set_num_threads(cfg.threads)
     timings: dict[str, float] = {}
 
+    reg = resolved.registry
+    # first: a Ray address that cannot be reached fails here, before any training
+    executor = reg.create("executor", cfg.executor.name, where="executor", **cfg.executor.options)
     t0 = time.perf_counter()
     task = task if task is not None else build_task(resolved)
     check_topk(cfg.topk, task.n_train)
@@ -271,14 +275,13 @@ def _attribute(
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         save_queries(out_dir, queries)
-    reg = resolved.registry
     run = _Run(
         resolved,
         task,
         model,
         queries,
         build_measurement(reg, task, resolved.target, "target"),
-        reg.create("executor", cfg.executor.name, where="executor", **cfg.executor.options),
+        executor,
         out_dir,
         timings,
         progress,
@@ -331,6 +334,7 @@ class _Run:
             return (*done, None)
         method = build_method(spec, reg, self.task, where=f"methods[{index}]")
         output = MethodOutput(self.out / spec.label if self.out else None, cfg.topk, cfg.dtype)
+        shards = self.shard_runner(spec, identity)
         context = ScoringContext(
             target=self.target,
             cache_dir=cfg.cache_dir,
@@ -338,6 +342,8 @@ class _Run:
             progress=self.progress,
             executor=self.executor,
             sink=output,
+            shards=shards,
+            query_block=cfg.query_block,
         )
         t0 = time.perf_counter()
         with output:
@@ -361,6 +367,7 @@ class _Run:
             "shape": list(arr.shape),
             "sign": "positive = removing the training example raises the target on the query",
             "timings": {**self.timings, **context.timings},
+            "shards": {"count": cfg.shards, "phases": shards.counts},
             "info": context.info,
             "versions": versions(reg),
             "plugins": reg.plugin_info(),
@@ -368,7 +375,21 @@ class _Run:
         if self.out is not None:
             manifest["files"] = files
             atomic_write_json(self.out / spec.label / "manifest.json", manifest)
+        if shards.store is not None:
+            shards.store.clear()  # the finished output replaces the finished shards
         return arr, manifest, method
+
+    def shard_runner(self, spec: MethodSpec, identity: dict[str, Any]) -> ShardRunner:
+        """The method's shard runner; its finished shards live in ``OUT/<label>/.shards``."""
+        cfg = self.resolved.config
+        store = None
+        if self.out is not None and (cfg.shards > 1 or self.executor.name != "local"):
+            key = {**identity, "shards": cfg.shards, "chunk_size": cfg.chunk_size,
+                   "threads": cfg.threads, "query_block": cfg.query_block}  # fmt: skip
+            store = ShardStore(self.out / spec.label / ".shards", key)
+        return ShardRunner(
+            self.executor, cfg.shards, cfg.chunk_size, cfg.threads, store, self.progress
+        )
 
 
 def save_queries(out_dir: Path, queries: Batch) -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         Measurement,
         Task,
     )
+    from attribution_core.shards import ShardRunner
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class FitInputs:
             Fisher fits read it; the others ignore it.
         cache_dir: where fitted factors may be cached (None = no caching).
         progress: show progress bars.
+        shards: runs data passes shard by shard on the run's executor
+            (:class:`attribution_core.shards.ShardRunner`); None = one local pass. A fit that
+            shards sums per-shard statistics with ``shards.reduce`` (fixed shard order).
     """
 
     model: nn.Module
@@ -54,6 +58,7 @@ class FitInputs:
     train_gradients: GradientStream | None = None
     cache_dir: str | None = None
     progress: bool = False
+    shards: ShardRunner | None = None
 
 
 class ScoreSink(ABC):
@@ -65,8 +70,11 @@ class ScoreSink(ABC):
     """
 
     @abstractmethod
-    def write(self, rows: slice, block: Tensor) -> None:
-        """Store ``block: (rows.stop - rows.start, n_query)`` as those training rows."""
+    def write(self, rows: slice, block: Tensor, cols: slice | None = None) -> None:
+        """Store ``block`` as those training rows (and query columns ``cols``; None = all).
+
+        ``block: (rows.stop - rows.start, cols.stop - cols.start)``.
+        """
 
     @abstractmethod
     def result(self) -> Tensor:
@@ -81,9 +89,9 @@ class MemorySink(ScoreSink):
     ) -> None:
         self.out = torch.empty(n_train, n_query, dtype=dtype, device=device)
 
-    def write(self, rows: slice, block: Tensor) -> None:
-        """``out[rows] = block``."""
-        self.out[rows] = block
+    def write(self, rows: slice, block: Tensor, cols: slice | None = None) -> None:
+        """``out[rows, cols] = block``."""
+        self.out[rows, cols if cols is not None else slice(None)] = block
 
     def result(self) -> Tensor:
         """The matrix."""
@@ -107,6 +115,11 @@ class ScoringContext:
         progress: show progress bars.
         executor: runs independent jobs (retraining) locally or on Ray.
         sink: opens the :class:`ScoreSink` the scorer writes its rows into.
+        shards: runs training passes shard by shard on the executor, resumable
+            (:class:`attribution_core.shards.ShardRunner`); None = one local pass.
+        query_block: queries per block of raw query gradients (None = all at once); prepared
+            blocks share a training pass while they fit 256 MiB
+            (:func:`attribution_core.score_pass.score_queries`).
         timings: phase name -> seconds; scorers add their phases here.
         info: free-form JSON-able facts recorded in the manifest.
     """
@@ -117,6 +130,8 @@ class ScoringContext:
     progress: bool = False
     executor: Executor | None = None
     sink: SinkFactory = MemorySink
+    shards: ShardRunner | None = None
+    query_block: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -178,30 +193,53 @@ class Phase:
     held: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class CurvatureProblem:
     """What curvature back-ends (K-FAC, GGN-CG) need to see the task as ``loss(f(x), y)``.
 
     ``H = scale · GGN`` of ``Σ_batches loss_function(model(inputs), targets)`` (+ the task's
     regulariser) must equal the Hessian/GGN of ``L_D`` in the task's units.
 
+    **Rows.** One pass has ``n_rows`` loss rows, ``per_example`` per training example: example
+    ``i`` owns rows ``i·per_example … (i+1)·per_example − 1`` (its ``S`` Monte-Carlo draws for a
+    diffusion model, ``per_example = S``; one row otherwise). ``batches(pass_index, rows)``
+    yields the rows of training examples ``rows`` (a contiguous ``slice`` of
+    ``0..n_examples``; None = all) in row order, so the first row of every batch follows from
+    the batch sizes before it (the targets' first dimension). Every Monte-Carlo draw is seeded
+    per example — example ``i``'s noise of pass ``p`` comes from
+    ``example_generator(seed, "fit", i, p)`` (:mod:`attribution_core.per_example`) — so a row
+    range yields exactly the rows a full pass yields there, wherever it runs (data shards,
+    ``FitInputs.shards``). Consumers draw their own per-row noise the same way (K-FAC's
+    MC-Fisher pseudo-targets: stream ``mc-target``, per loss row).
+
     Attributes:
         model: maps ``inputs`` to **2-D** outputs ``(B, k)`` and shares parameters with the task
             model (a thin wrapper, never a copy).
         loss_function: ``nn.MSELoss(reduction="sum")`` or ``nn.CrossEntropyLoss(reduction="sum")``.
-        batches: ``batches(pass_index) -> iterable of (inputs, targets)``; each pass draws fresh
-            Monte-Carlo noise from a generator seeded by ``(seed, pass_index)``.
+        batches: ``batches(pass_index, rows=None) -> iterable of (inputs, targets)``, re-iterable
+            and deterministic (see *Rows*); ``inputs``: a tensor ``(B, ...)`` or a dict the model
+            understands, ``targets: (B, k)`` (MSE) or ``(B,)`` (cross-entropy). Picklable (a
+            dataclass or a closure over tensors, not over the task) so that a data shard can
+            run in another process. A callable taking ``pass_index`` only is still accepted:
+            it is run as one local pass.
         scale: multiplies the GGN of the summed loss (e.g. ``1/(N·S)``).
         batch_size_fn: for dict inputs, returns the batch size of ``inputs``.
-        n_rows: number of rows (loss terms) in one pass.
+        n_rows: number of rows (loss terms) in one pass (``n_examples · per_example``).
+        per_example: loss rows per training example (``S``; 1 = one row per example).
     """
 
     model: nn.Module
     loss_function: nn.Module
-    batches: Callable[[int], Iterable[tuple[Any, Tensor]]]
+    batches: Callable[..., Iterable[tuple[Any, Tensor]]]
     scale: float
     batch_size_fn: Callable[[Any], int] | None = None
     n_rows: int = 0
+    per_example: int = 1
+
+    @property
+    def n_examples(self) -> int:
+        """Training examples in one pass: ``n_rows // per_example`` (the rows ``batches`` takes)."""
+        return self.n_rows // max(1, self.per_example)
 
 
 @dataclass(frozen=True)

@@ -34,26 +34,27 @@ _COUNTER = itertools.count()
 
 
 class _Rows:
-    """Which training rows were written (one byte per row, never the scores)."""
+    """How many query columns of each training row were written (never the scores)."""
 
     def __init__(self, n_train: int, n_query: int) -> None:
         self.n_train, self.n_query = n_train, n_query
-        self.done = np.zeros(n_train, dtype=bool)
+        self.filled = np.zeros(n_train, dtype=np.int64)
 
-    def mark(self, rows: slice, block: Tensor) -> np.ndarray:
-        """Check ``block``'s shape against ``rows``; the block as float32 numpy (``scores.npy``)."""
+    def mark(self, rows: slice, block: Tensor, cols: slice | None = None) -> np.ndarray:
+        """Check ``block``'s shape against ``rows``/``cols``; the block as float32 numpy."""
         start, stop, _ = rows.indices(self.n_train)
-        if tuple(block.shape) != (stop - start, self.n_query):
+        c0, c1, _ = (cols or slice(None)).indices(self.n_query)
+        if tuple(block.shape) != (stop - start, c1 - c0):
             raise ValueError(
-                f"sink block mismatch: expected shape {(stop - start, self.n_query)} for rows "
-                f"{start}:{stop}, got {tuple(block.shape)}"
+                f"sink block mismatch: expected shape {(stop - start, c1 - c0)} for rows "
+                f"{start}:{stop}, columns {c0}:{c1}, got {tuple(block.shape)}"
             )
-        self.done[start:stop] = True
+        self.filled[start:stop] += c1 - c0
         return block.detach().cpu().numpy().astype(np.float32, copy=False)
 
     def check_complete(self, what: str) -> None:
-        """Raise unless every row was written."""
-        missing = int((~self.done).sum())
+        """Raise unless every row was written in every query column."""
+        missing = int((self.filled < self.n_query).sum())
         if missing:
             raise RuntimeError(f"{what}: {missing} of {self.n_train} training rows never written")
 
@@ -111,11 +112,13 @@ class MemmapSink(ScoreSink):
         self.memory = MemorySink(n_train, n_query, dtype, device) if keep_in_memory else None
         self._result = self.memory.result() if self.memory else torch.from_numpy(self.map)
 
-    def write(self, rows: slice, block: Tensor) -> None:
-        """Write the block's rows into the map (float32)."""
-        self.map[rows] = self.rows.mark(rows, block)
+    def write(self, rows: slice, block: Tensor, cols: slice | None = None) -> None:
+        """Write the block into the map's ``rows`` (and query columns ``cols``), float32."""
+        self.map[rows, cols if cols is not None else slice(None)] = self.rows.mark(
+            rows, block, cols
+        )
         if self.memory is not None:
-            self.memory.write(rows, block)
+            self.memory.write(rows, block, cols)
 
     def result(self) -> Tensor:
         """The scores (the same tensor every call): the map, or the float64 matrix."""
@@ -207,22 +210,34 @@ class TopKSink(ScoreSink):
         self.path = Path(path) if path is not None else None
         self.k = k
         self.rows = _Rows(n_train, n_query)
-        empty = (np.empty((0, n_query), np.float32), np.empty((0, n_query), np.int64))
-        self.best = {1: empty, -1: empty}
+        # k placeholders per sign and query (value ∓inf, index n_train) that any written row
+        # beats; all are replaced once every row is in (k ≤ n_train)
+        self.best = {
+            sign: (
+                np.full((k, n_query), -sign * np.inf, np.float32),
+                np.full((k, n_query), n_train, np.int64),
+            )
+            for sign in (1, -1)
+        }
         self._result: TopK | None = None
 
-    def write(self, rows: slice, block: Tensor) -> None:
-        """Merge the block's rows into the kept top and bottom ``k``."""
-        values = self.rows.mark(rows, block)
+    def write(self, rows: slice, block: Tensor, cols: slice | None = None) -> None:
+        """Merge the block's rows into the kept top and bottom ``k`` of columns ``cols``."""
+        values = self.rows.mark(rows, block, cols)
+        cols = cols if cols is not None else slice(None)
         self._result = None
         start = rows.indices(self.rows.n_train)[0]
         index = np.broadcast_to(
             np.arange(start, start + values.shape[0], dtype=np.int64)[:, None], values.shape
         )
         for sign, (v, i) in self.best.items():
-            self.best[sign] = _best(
-                np.concatenate([v, values]), np.concatenate([i, index]), self.k, sign
+            kept_v, kept_i = _best(
+                np.concatenate([v[:, cols], values]),
+                np.concatenate([i[:, cols], index]),
+                self.k,
+                sign,
             )
+            v[:, cols], i[:, cols] = kept_v, kept_i
 
     def result(self) -> TopK:  # type: ignore[override]
         """The kept examples (the same object every call once all rows are in)."""

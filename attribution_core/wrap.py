@@ -30,6 +30,7 @@ from attribution_core.interfaces import (
     Task,
 )
 from attribution_core.interfaces import batch_size as leading_dim
+from attribution_core.per_example import row_chunks
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 _LOSSES: dict[str, tuple[LossFn, type[nn.Module]]] = {
@@ -152,17 +153,19 @@ class ModuleTask(Task):
                 f"K-FAC/GGN need a built-in loss ({', '.join(_LOSSES)}); got a custom callable "
                 f"{self.loss_name!r}: use a gradient-only method (grad-dot, trak) or a built-in loss"
             )
-        x, y = self._data[self.input_key], self._data[self.target_key]
+        x, y, n = self._data[self.input_key], self._data[self.target_key], self._n
         if self.loss_name == "mse":
-            y = y.reshape(self._n, -1)
+            y = y.reshape(n, -1)
+
+        def batches(pass_index: int, rows: slice | None = None) -> list[tuple[Tensor, Tensor]]:
+            return [(x[r], y[r]) for r in row_chunks(rows, n, 256)]  # no noise: any pass
+
         return CurvatureProblem(
             model=model,
             loss_function=_LOSSES[self.loss_name][1](reduction="sum"),
-            batches=lambda pass_index: [
-                (x[i : i + 256], y[i : i + 256]) for i in range(0, self._n, 256)
-            ],
-            scale=1.0 / self._n,
-            n_rows=self._n,
+            batches=batches,
+            scale=1.0 / n,
+            n_rows=n,
         )
 
     def images(self, batch: Batch) -> Tensor | None:

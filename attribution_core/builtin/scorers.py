@@ -33,6 +33,7 @@ from attribution_core.interfaces import (
     ScoringContext,
     Task,
 )
+from attribution_core.score_pass import score_queries
 
 
 class InfluenceOptions(BaseModel):
@@ -127,30 +128,18 @@ class InfluenceScorer(_GradientScorer):
                 train_gradients=train.compressed(compressor) if compressed else train,
                 cache_dir=context.cache_dir,
                 progress=context.progress,
+                shards=context.shards,
             )
         )
         context.timings["fit"] = time.perf_counter() - t0
         context.info["curvature"] = curvature.describe()
 
-        t0 = time.perf_counter()
-        Gq = query.stack(desc="query gradients")
-        Q = (
-            curvature.solve(compressor.compress(Gq))
-            if compressed
-            else compressor.compress(curvature.solve(Gq))
-        )
-        del Gq  # only Q stays in memory during the training pass
-        context.timings["query_gradients"] = time.perf_counter() - t0
+        def preconditioned(Gq: Tensor) -> Tensor:
+            if compressed:
+                return curvature.solve(compressor.compress(Gq))
+            return compressor.compress(curvature.solve(Gq))
 
-        t0 = time.perf_counter()
-        sink = context.sink(task.n_train, Q.shape[0], Q.dtype, Q.device)
-        for rows, T in train_side.chunks(
-            progress=context.progress, desc="train gradients + scores"
-        ):
-            sink.write(rows, T.to(Q.dtype) @ Q.T)
-            del T  # one training-gradient chunk alive at a time
-        context.timings["train_gradients_and_scores"] = time.perf_counter() - t0
-        return sink.result()
+        return score_queries(task, query, train_side, preconditioned, context, normalise=False)
 
     def plan(self, sizes: PlanSizes) -> list[Phase]:
         """Fit, query gradients, training gradients + scores (sizes only; nothing runs)."""
@@ -167,20 +156,13 @@ class GradientSimilarityScorer(_GradientScorer):
     ) -> Tensor:
         """``(n_train, n_query)`` cosine similarities in [-1, 1]."""
         compressor, train, query = self._setup(task, model, queries, context)
-        t0 = time.perf_counter()
-        Q = compressor.compress(query.stack())
-        Q = Q / Q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(Q.dtype).tiny)
-        context.timings["query_gradients"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sink = context.sink(task.n_train, Q.shape[0], Q.dtype, Q.device)
-        for rows, T in train.compressed(compressor).chunks(
-            progress=context.progress, desc="train gradients + scores"
-        ):
-            T = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
-            sink.write(rows, T.to(Q.dtype) @ Q.T)
-            del T
-        context.timings["train_gradients_and_scores"] = time.perf_counter() - t0
-        return sink.result()
+
+        def unit(Gq: Tensor) -> Tensor:
+            Q = compressor.compress(Gq)
+            return Q / Q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(Q.dtype).tiny)
+
+        train_side = train.compressed(compressor)
+        return score_queries(task, query, train_side, unit, context, normalise=True)
 
     def plan(self, sizes: PlanSizes) -> list[Phase]:
         """Query gradients, training gradients + scores (sizes only; nothing runs)."""

@@ -25,6 +25,7 @@ from attribution_core.config import (
 )
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation import lds as L
+from attribution_core.evaluation import single
 from attribution_core.evaluation.runs import load_query_arrays, target_id
 from attribution_core.evaluation.suite import (
     Suite,
@@ -133,55 +134,41 @@ def _bench(cfg: RunConfig, out: Path, progress: bool, n_boot: int) -> pd.DataFra
     scored = [m.label for m in resolved.methods if m.label not in oracle_labels]
     if scored:
         result = attribute(resolved.only(scored), out=out, progress=progress, task=task)
-        queries, scores_by, manifests = result.queries, result.scores, result.manifests
+        queries = result.queries
     else:
+        result = None
         queries = load_queries(task, task.build_model(0), resolved.config)
-        scores_by, manifests = {}, {}
     truth = suite.truth(tid)
-    masks = torch.as_tensor(suite.masks)
     idx = L.bootstrap_indices(truth.shape[0], n_boot, seed=cfg.seed)
     rows, boots, per_query = [], {}, {}
-    for i, method in enumerate(resolved.methods):
-        t1 = time.perf_counter()
-        if method.label in oracle_labels:
-            scorer = build_method(method, resolved.registry, task, where=f"methods[{i}]").scorer
-            scores = torch.zeros(suite.masks.shape[1], truth.shape[2], dtype=torch.float64)
-            oracle = torch.as_tensor(suite.oracle(tid), dtype=torch.float64)
-            full = torch.as_tensor(suite.full(tid), dtype=torch.float64).mean(dim=0)
-            pred = scorer.predict_subsets(masks, scores, oracle=oracle - full)
-            seconds = time.perf_counter() - t1
-            atomic_write_json(
-                out / method.label / "manifest.json",
-                {
-                    "label": method.label,
-                    "identity": {
-                        "method": method.describe(),
-                        "suite": str(suite.path),
-                        "target": tid,
-                    },
-                    "note": "predictions = the suite's oracle models (fresh seed per subset) minus the "
-                    "mean of its full-data models; no scores.npy (leave-one-out retraining not run)",
-                    "timings": {"total": seconds},
-                },
-            )
-        else:
-            scorer = scorer_of(result, method, resolved.registry, task, i)
-            scores = torch.from_numpy(np.array(scores_by[method.label], dtype=np.float64))
-            pred = scorer.predict_subsets(masks, scores)
-            seconds = float(manifests[method.label]["timings"].get("total", math.nan))
-        pred = pred.detach().cpu().numpy().astype(np.float64)
-        atomic_save_npy(out / method.label / "predictions.npy", pred)
+    predicted = [
+        (
+            m.label,
+            m.name,
+            m.option("damping"),
+            *_predict(suite, tid, resolved, task, result, i, out),
+        )
+        for i, m in enumerate(resolved.methods)
+    ]
+    loo = single.loo_predictions(suite, tid)
+    if loo is not None:  # single-model suites with evaluation.loo: the additive LOO reference
+        _write_loo(out, suite, tid)
+        predicted.append(("leave-one-out", "leave-one-out", None, loo, math.nan))
+    for label, name, damping, pred, seconds in predicted:
+        atomic_save_npy(out / label / "predictions.npy", pred)
         s = L.summarize(pred, truth, idx)
-        boots[method.label] = s.pop("boot")
-        per_query[method.label] = s.pop("per_query").tolist()
+        boots[label] = s.pop("boot")
+        per_query[label] = s.pop("per_query").tolist()
         rows.append(
             {
-                "label": method.label,
-                "method": method.name,
+                "label": label,
+                "method": name,
                 "target": tid,
-                "damping": None if (d := method.option("damping")) is None else float(d),
+                "damping": None if damping is None else float(damping),
                 **s,
                 "seconds": seconds,
+                "protocol": suite.protocol,
+                **single.cross_columns(pred, suite, tid),
             }
         )
     table = pd.DataFrame(rows, columns=list(L.LDS_COLUMNS))
@@ -199,7 +186,9 @@ def _bench(cfg: RunConfig, out: Path, progress: bool, n_boot: int) -> pd.DataFra
         "target": tid,
         "targets_in_suite": suite.targets,
         "task": suite.meta.get("task"),
+        "protocol": suite.protocol,
         "lds": suite.meta["lds"],
+        "cross": suite.meta.get("cross"),
         "n_train": int(suite.masks.shape[1]),
         "reliability": suite.meta.get("reliability", {}),
         "null": L.null_lds(truth, suite.masks, seed=cfg.seed),
@@ -211,6 +200,72 @@ def _bench(cfg: RunConfig, out: Path, progress: bool, n_boot: int) -> pd.DataFra
     atomic_write_json(out / "bench.json", meta)
     write_report(out)
     return table
+
+
+def _predict(
+    suite: Suite,
+    tid: str,
+    resolved: Resolved,
+    task: Task,
+    result: AttributionResult | None,
+    index: int,
+    out: Path,
+) -> tuple[np.ndarray, float]:
+    """``(predictions (M, Q) float64, seconds)`` of method ``index`` on the suite's masks.
+
+    Additive methods: ``predict_subsets`` of their scores, with the first-order factor
+    ``1 − removed_weight`` when the suite down-weights instead of removing. Oracle methods
+    (exact retraining): the suite's oracle models minus its full-data models, or under the
+    single-model protocol the truth itself (:data:`single.ORACLE_NOTE`).
+    """
+    method = resolved.methods[index]
+    masks = torch.as_tensor(suite.masks)
+    t1 = time.perf_counter()
+    if method.label in resolved.oracle_labels():
+        scorer = build_method(method, resolved.registry, task, where=f"methods[{index}]").scorer
+        truth = suite.truth(tid)
+        scores = torch.zeros(suite.masks.shape[1], truth.shape[2], dtype=torch.float64)
+        if suite.protocol == single.SINGLE:
+            oracle, note = single.oracle_predictions(suite, tid), single.ORACLE_NOTE
+        else:
+            full = torch.as_tensor(suite.full(tid), dtype=torch.float64).mean(dim=0)
+            oracle = torch.as_tensor(suite.oracle(tid), dtype=torch.float64) - full
+            note = (
+                "predictions = the suite's oracle models (fresh seed per subset) minus the "
+                "mean of its full-data models; no scores.npy (leave-one-out retraining not run)"
+            )
+        pred = scorer.predict_subsets(masks, scores, oracle=torch.as_tensor(oracle))
+        seconds = time.perf_counter() - t1
+        identity = {"method": method.describe(), "suite": str(suite.path), "target": tid}
+        atomic_write_json(
+            out / method.label / "manifest.json",
+            {
+                "label": method.label,
+                "identity": identity,
+                "note": note,
+                "timings": {"total": seconds},
+            },
+        )
+        return pred.detach().cpu().numpy().astype(np.float64), seconds
+    assert result is not None  # scored methods ran through attribute()
+    scorer = scorer_of(result, method, resolved.registry, task, index)
+    scores = torch.from_numpy(np.array(result.scores[method.label], dtype=np.float64))
+    r = float(suite.meta["lds"].get("removed_weight", 0.0))
+    pred = scorer.predict_subsets(masks, scores, **({"removed_weight": r} if r else {}))
+    seconds = float(result.manifests[method.label]["timings"].get("total", math.nan))
+    return pred.detach().cpu().numpy().astype(np.float64), seconds
+
+
+def _write_loo(out: Path, suite: Suite, tid: str) -> None:
+    atomic_write_json(
+        out / "leave-one-out" / "manifest.json",
+        {
+            "label": "leave-one-out",
+            "identity": {"method": "leave-one-out", "suite": str(suite.path), "target": tid},
+            "note": "additive leave-one-out: predictions = Σ over each mask's removed examples of "
+            "m(θ_{D∖j}) − m(θ_D), from the suite's loo/ models (single-model protocol)",
+        },
+    )
 
 
 def scorer_of(

@@ -25,17 +25,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from attribution_core.builtin.executors import make_executor
 from attribution_core.config import (
     CounterfactualConfig,
+    LDSConfig,
     RunConfig,
     as_measurement,
     load_config,
 )
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation import regenerate as R
-from attribution_core.evaluation.bench import prepare
+from attribution_core.evaluation.bench import prepare, scorer_of
 from attribution_core.evaluation.runs import (
     Job,
     Run,
@@ -44,12 +46,14 @@ from attribution_core.evaluation.runs import (
     save_query_batch,
     target_id,
 )
+from attribution_core.evaluation.single import SINGLE
 from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.interfaces import index_batch
 from attribution_core.locking import command_locks
 from attribution_core.outputs import require_full_scores
-from attribution_core.pipeline import attribute, resolve
+from attribution_core.pipeline import attribute, build_task, resolve
 from attribution_core.report.render import write_report
+from attribution_core.single_model import require_training_steps
 from attribution_core.storage import atomic_save_npy, atomic_to_csv, atomic_write_json
 
 CF_COLUMNS = [
@@ -94,6 +98,39 @@ def _same_steps(cfg: RunConfig, registry: Any) -> tuple[RunConfig, bool]:
     data = cfg.model_dump(exclude_none=True)
     data["task"].update(changed)
     return load_config(data), True
+
+
+SINGLE_COLUMNS = ["protocol", "predicted_change"]
+"""Added under the single-model protocol: every change is deterministic (one retraining with the
+base model's seed, stderr 0) and ``predicted_change`` is the method's own first-order prediction
+of the top removal (``predict_subsets``, with the factor ``1 − removed_weight``)."""
+
+
+def _protocol(cfg: RunConfig, suite: Any) -> tuple[str, float]:
+    """``(protocol, removed weight)`` of the retrainings: the suite's when one is given, else the
+    config's ``evaluation.lds``; distributional retrainings always remove (weight 0)."""
+    if suite is not None:
+        protocol, r = suite.protocol, float(suite.meta["lds"].get("removed_weight", 0.0))
+    else:
+        lds = cfg.evaluation.lds or LDSConfig()
+        protocol, r = lds.protocol, lds.removed_weight
+    return protocol, (r if protocol == SINGLE else 0.0)
+
+
+def _predicted(
+    result: Any, resolved: Any, top: dict[str, list[tuple[int, ...]]], n: int, r: float
+) -> dict[str, np.ndarray]:
+    """Each method's predicted change for its own top removal of each query, ``(nq,)``."""
+    out = {}
+    for i, m in enumerate(resolved.methods):
+        scorer = scorer_of(result, m, resolved.registry, result.task, i)
+        scores = torch.from_numpy(np.array(result.scores[m.label], dtype=np.float64))
+        masks = torch.ones(len(top[m.label]), n, dtype=torch.bool)
+        for q, removed in enumerate(top[m.label]):
+            masks[q, list(removed)] = False
+        pred = scorer.predict_subsets(masks, scores, **({"removed_weight": r} if r else {}))
+        out[m.label] = pred.diagonal().detach().cpu().numpy()
+    return out
 
 
 def _file_id(run: Run, context: list[Any]) -> str:
@@ -159,6 +196,10 @@ def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
     else:
         resolved = resolve(cfg)
     bound = resolved.config
+    protocol, removed_weight = _protocol(cfg, suite)
+    if protocol == SINGLE:  # the training-step hook, before any work
+        task = task if task is not None else build_task(resolved)
+        require_training_steps(task, "counterfactual with protocol: single-model")
     generation = None
     if cf.regenerate:  # (count, seed) of the queries' generation, before any work
         generation = (
@@ -200,7 +241,8 @@ def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
         ]
         for m in resolved.methods
     }
-    seeds = [TRUTH_SEED + k for k in range(cf.seeds)]
+    # single-model: one deterministic retraining per removal, with the base model's seed
+    seeds = [bound.model.seed] if protocol == SINGLE else [TRUTH_SEED + k for k in range(cf.seeds)]
     runs = [Run(f"full-seed{k}", (), s) for k, s in enumerate(seeds)]
     runs += [
         Run(f"random-q{q}-seed{k}", random_sets[q], s)
@@ -226,7 +268,7 @@ def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
         cfg.seed,
         target.model_dump(),
         generation,
-    ]
+    ] + ([protocol, removed_weight] if protocol == SINGLE else [])
     file_of = {r.run_id: _file_id(r, defining) for r in runs}
     runs = [Run(file_of[r.run_id], r.removed, r.seed) for r in runs]
 
@@ -236,10 +278,11 @@ def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
             (target.model_dump(),),
             str(qpath.resolve()),
             group,
-            0.0,
+            removed_weight,
             cfg.seed,
             cfg.threads,
             generation,
+            protocol=protocol,
         )
 
     executor = make_executor(cfg, resolved.registry)
@@ -250,9 +293,10 @@ def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
     res = {name: stored[fid] for name, fid in file_of.items()}
 
     def values(prefix: str, q: int, row: int = 0) -> np.ndarray:
-        return np.array([res[f"{prefix}-seed{k}"][row, 0, q] for k in range(cf.seeds)])
+        return np.array([res[f"{prefix}-seed{k}"][row, 0, q] for k in range(len(seeds))])
 
-    full = np.stack([res[f"full-seed{k}"][0, 0] for k in range(cf.seeds)])  # (S, nq)
+    full = np.stack([res[f"full-seed{k}"][0, 0] for k in range(len(seeds))])  # (S, nq)
+    predicted = _predicted(result, resolved, top, n, removed_weight) if protocol == SINGLE else None
     rows = []
     for m in resolved.methods:
         for q in range(nq):
@@ -271,14 +315,18 @@ def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
                     "random_mean": rm,
                     "random_stderr": rs,
                     "top_minus_random": float((d_top - d_rand).mean()),
-                    "n_seeds": cf.seeds,
+                    "n_seeds": len(seeds),
                 }
             )
+            if predicted is not None:  # deterministic effects; the method's own prediction
+                rows[-1].update(change_stderr=0.0, random_stderr=0.0, protocol=protocol)
+                rows[-1]["predicted_change"] = float(predicted[m.label][q])
             if generation:  # pixel distances: row 1 of every run file
                 dists = [values(p, q, 1) for p in (f"{m.label}-q{q}", f"random-q{q}", "full")]
                 for name, d in zip(("top", "random", "full"), dists, strict=True):
                     rows[-1][f"regen_{name}_mean"], rows[-1][f"regen_{name}_stderr"] = _mean_se(d)
-    table = pd.DataFrame(rows, columns=CF_COLUMNS + (REGEN_COLUMNS if generation else []))
+    extra = SINGLE_COLUMNS if protocol == SINGLE else []
+    table = pd.DataFrame(rows, columns=CF_COLUMNS + (REGEN_COLUMNS if generation else []) + extra)
     atomic_to_csv(out / "counterfactual.csv", table)
     regen: dict[str, Any] = {"regenerate": False}
     if generation is not None and base_distance is not None:
@@ -288,6 +336,8 @@ def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
         out / "counterfactual" / "info.json",
         {
             "remove_fraction": cf.remove_fraction,
+            "protocol": protocol,
+            "removed_weight": removed_weight,
             "removed": k_remove,
             "seeds": seeds,
             "queries": nq,

@@ -58,8 +58,17 @@ LDS_COLUMNS = (
     "lds_ci_high",
     "n_queries",
     "seconds",
+    "protocol",
+    "lds_cross_seed",
+    "lds_cross_seed_stderr",
+    "lds_cross_masks",
 )
-"""The columns of ``lds.csv``, in order (the report shows them all but ``target``)."""
+"""The columns of ``lds.csv``, in order (the report shows them all but ``target``).
+
+``protocol`` is the suite's (``distributional`` or ``single-model``); ``lds_cross_seed`` (± its
+``_stderr`` over queries) is the LDS against the truth retrained under the suite's other seeds
+(single-model suites with ``cross_seeds``) and ``lds_cross_masks`` the same-seed LDS on the same
+masks (the first 32), so the two compare; all three are empty where not measured."""
 
 
 def bootstrap_indices(n_subsets: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
@@ -180,4 +189,25 @@ def reliability(truth: np.ndarray) -> dict[str, float]:
         reliability=float(rel),
         ceiling=float(np.sqrt(rel)),
     )
+    return out
+
+
+def split_draw_reliability(halves: np.ndarray) -> dict[str, float]:
+    """Split-draw reliability of a single-model suite's truth from ``halves: (M, 2, Q)``.
+
+    Each model's target is measured on ``2S`` draws with common random numbers; ``halves[:, h]``
+    is the mean over half ``h`` (S draws). ``split_draw_r`` = Spearman across subsets between
+    the halves, per query, averaged over queries; ``reliability`` = its Spearman–Brown
+    correction to ``2S`` draws (the truth's), ``2r / (1 + r)``; ``ceiling`` = √reliability, the
+    expected LDS of a perfect predictor of the infinite-draw truth (as in :func:`reliability`).
+    A deterministic target has identical halves: reliability 1. NaN halves (one draw): NaN.
+    """
+    m, _, q = halves.shape
+    out: dict[str, float] = {"n_subsets": m, "n_seeds": 1, "n_queries": q}
+    if not np.isfinite(halves).all():
+        out.update(split_draw_r=float("nan"), reliability=float("nan"), ceiling=float("nan"))
+        return out
+    r = float(spearman_columns(halves[:, 0], halves[:, 1]).mean())
+    rel = spearman_brown(r, 2) if r > 0 else 0.0
+    out.update(split_draw_r=r, reliability=float(rel), ceiling=float(np.sqrt(rel)))
     return out

@@ -17,6 +17,7 @@ finished run always has it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,16 +31,22 @@ from attribution_core.evaluation.regenerate import pixel_distance, regenerate
 from attribution_core.gradients import example_noise
 from attribution_core.interfaces import Batch, Measurement, Task, batch_size
 from attribution_core.registry import Registry, get_registry
+from attribution_core.single_model import train_single_model
 from attribution_core.storage import atomic_save_npy, atomic_write_json
 
 
 @dataclass(frozen=True)
 class Run:
-    """One model to retrain: ``run_id`` names its file; ``removed`` lists dropped examples."""
+    """One model to retrain: ``run_id`` names its file; ``removed`` lists dropped examples.
+
+    ``stream_seed`` (single-model protocol only): the draw stream's seed when it differs from
+    the initialisation's ``seed`` (cross-seed transfer with scope ``stream``).
+    """
 
     run_id: str
     removed: tuple[int, ...]
     seed: int
+    stream_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,11 @@ class Job:
         threads: torch intra-op threads inside the job (pinned for repeatability).
         regenerate: ``(count, seed)`` of the queries' generation: also regenerate them from the
             same noise with every retrained model and store the pixel distance (None = off).
+        protocol: ``distributional`` (one ``Task.train_ensemble`` call) or ``single-model``
+            (each run alone through the training-step hook,
+            :func:`~attribution_core.single_model.train_single_model`).
+        split_draws: store two more rows per target, the means over the first and the second
+            half of the target's draws (:func:`measure_split`; the split-draw ceiling).
     """
 
     config: dict[str, Any]
@@ -66,6 +78,8 @@ class Job:
     noise_seed: int
     threads: int
     regenerate: tuple[int, int] | None = None
+    protocol: str = "distributional"
+    split_draws: bool = False
 
 
 _TASKS: dict[str, Task] = {}
@@ -166,29 +180,78 @@ def _task(config: dict[str, Any]) -> tuple[Task, Registry]:
     return _TASKS[key], registry
 
 
+def measure_split(
+    model: torch.nn.Module, target: Measurement, queries: Batch, seed: int
+) -> np.ndarray:
+    """``(4, Q)`` float64: :func:`measure`'s two rows, then the means over the first and the
+    second half of the draws (``⌊S/2⌋`` each, same common random numbers).
+
+    The halves give the split-draw reliability of a deterministic (single-model) truth:
+    Spearman across subsets between the halves, Spearman–Brown-corrected to all S draws.
+    A deterministic target (no noise) has identical halves; a single draw gives NaN halves.
+    """
+    rows = measure(model, target, queries, seed)
+    noise = example_noise(target, queries, seed, "target", 0)
+    if not noise:
+        return np.concatenate([rows, rows[:1], rows[:1]])
+    n_draws = next(iter(noise.values())).shape[1]
+    half = n_draws // 2
+    if half == 0:
+        return np.concatenate([rows, np.full((2, rows.shape[1]), np.nan)])
+    with torch.no_grad():
+        per_draw = getattr(target, "per_draw", None)
+        per = per_draw(model, queries, noise) if per_draw is not None else None
+        if per is None or per.ndim != 2 or per.shape[0] != n_queries(queries):
+            parts = [
+                target.evaluate(model, queries, {k: v[:, s : s + 1] for k, v in noise.items()})
+                for s in range(2 * half)
+            ]
+            per = torch.stack(parts, dim=1)
+        per_np = per.double().cpu().numpy()
+    halves = np.stack([per_np[:, :half].mean(axis=1), per_np[:, half : 2 * half].mean(axis=1)])
+    return np.concatenate([rows, halves])
+
+
+def run_weights(run: Run, n: int, removed_weight: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(N,)`` training weights of ``run``: 1, and ``removed_weight`` at its removed examples."""
+    weights = torch.ones(n, dtype=dtype)
+    weights[list(run.removed)] = removed_weight
+    return weights
+
+
+def _trained(job: Job, task: Task) -> Iterator[torch.nn.Module]:
+    """The job's models in run order: one ``train_ensemble`` call (distributional), or one
+    single-model retraining at a time (``single-model``: seed = initialisation and stream)."""
+    n = task.n_train
+    if job.protocol == "single-model":
+        for run in job.runs:
+            weights = run_weights(run, n, job.removed_weight, torch.float64)
+            yield train_single_model(task, weights, run.seed, stream_seed=run.stream_seed)
+        return
+    weights = torch.stack([run_weights(r, n, job.removed_weight, task.dtype) for r in job.runs])
+    yield from task.train_ensemble(weights, [r.seed for r in job.runs])
+
+
 def run_job(job: Job) -> dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]:
-    """Train every run of ``job`` with one ``train_ensemble`` call and measure every target.
+    """Train every run of ``job`` (see :func:`_trained`) and measure every target.
 
     Returns:
-        ``run_id -> (n_targets, 2, Q)`` float64 (values and Monte-Carlo standard errors); with
-        ``job.regenerate``: ``run_id -> ((n_targets + 1, 2, Q), x_regen: (Q, ...))``.
+        ``run_id -> (n_targets, 2, Q)`` float64 (values and Monte-Carlo standard errors;
+        ``(n_targets, 4, Q)`` with ``job.split_draws``); with ``job.regenerate``:
+        ``run_id -> ((n_targets + 1, 2, Q), x_regen: (Q, ...))``.
     """
     torch.set_num_threads(job.threads)
     task, registry = _task(job.config)
     queries = load_query_batch(job.queries_path, task)
-    n = task.n_train
-    weights = torch.ones(len(job.runs), n, dtype=task.dtype)
-    for i, run in enumerate(job.runs):
-        weights[i, list(run.removed)] = job.removed_weight
-    models = task.train_ensemble(weights, [r.seed for r in job.runs])
     targets = [
         build_measurement(registry, task, MeasurementConfig.model_validate(t), "target")
         for t in job.targets
     ]
+    how = measure_split if job.split_draws else measure
     out: dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]] = {}
-    for run, model in zip(job.runs, models, strict=True):
+    for run, model in zip(job.runs, _trained(job, task), strict=True):
         model.eval()
-        values = np.stack([measure(model, t, queries, job.noise_seed) for t in targets])
+        values = np.stack([how(model, t, queries, job.noise_seed) for t in targets])
         if job.regenerate is None:
             out[run.run_id] = values
             continue

@@ -18,14 +18,21 @@ finished run (the identity check covers everything else).
 
 Seeds: subset ``m`` seed ``k`` and full-data seed ``k`` use ``TRUTH_SEED + k`` (paired across
 subsets); the oracle of subset ``m`` uses ``ORACLE_SEED + m`` (used nowhere else).
+
+``evaluation.lds.protocol: single-model`` builds a single-model suite instead (one retraining per
+subset with the base model's seed, split-draw halves, optional cross seeds and leave-one-out
+models, no oracle): :mod:`attribution_core.evaluation.single`. ``suite.json`` records the
+protocol; suites without the record are distributional.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +48,14 @@ from attribution_core.config import (
     load_config,
 )
 from attribution_core.errors import ConfigError, DataError
+from attribution_core.evaluation import single
+from attribution_core.evaluation.distributional import (
+    ORACLE_SEED,
+    TRUTH_SEED,
+    distributional_arrays,
+)
 from attribution_core.evaluation.lds import reliability
 from attribution_core.evaluation.runs import (
-    Job,
-    Run,
-    RunStore,
-    execute,
     load_query_arrays,
     save_query_batch,
     target_id,
@@ -62,8 +71,6 @@ from attribution_core.pipeline import (
 )
 from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
 
-TRUTH_SEED = 1_000
-ORACLE_SEED = 100_000
 LDS_KEYS = ("subsets", "seeds", "kept_fraction", "removed_weight")
 
 
@@ -79,6 +86,11 @@ class Suite:
     def targets(self) -> list[str]:
         """Target ids the suite holds."""
         return list(self.meta["targets"])
+
+    @property
+    def protocol(self) -> str:
+        """``distributional`` or ``single-model`` (recorded at build time)."""
+        return single.protocol_of(self.meta)
 
     def _load(self, folder: str, tid: str, suffix: str = "") -> np.ndarray:
         if tid not in self.meta["targets"]:
@@ -107,6 +119,10 @@ class Suite:
     def full(self, tid: str) -> np.ndarray:
         """``(S, Q)`` full-data models."""
         return self._load("full", tid)
+
+    def halves(self, tid: str) -> np.ndarray:
+        """``(M, 2, Q)`` single-model truth over each half of its draws (split-draw ceiling)."""
+        return self._load("truth", tid, ".halves")
 
 
 def load_suite(
@@ -178,9 +194,14 @@ def require_task(cfg: RunConfig) -> None:
         )
 
 
+def kept_count(kept_fraction: float, n_train: int) -> int:
+    """``⌊α·N⌋`` of the decimal α as written (0.57 · 100 = 57, not float's 56.99…)."""
+    return math.floor(Fraction(repr(float(kept_fraction))) * n_train)
+
+
 def draw_masks(n_train: int, subsets: int, kept_fraction: float, seed: int) -> np.ndarray:
     """``(subsets, n_train)`` bool, exactly ``⌊α·N⌋`` True per row, from ``seed``."""
-    n_keep = int(np.floor(kept_fraction * n_train))
+    n_keep = kept_count(kept_fraction, n_train)
     if not 0 < n_keep < n_train:
         raise ConfigError(
             f"evaluation.lds.kept_fraction: {kept_fraction} keeps {n_keep} of {n_train} examples; "
@@ -199,6 +220,21 @@ def check_lds_block(cfg: RunConfig, suite: Suite) -> None:
     if lds is None:
         return
     built = suite.meta["lds"]
+    if "protocol" in lds.model_fields_set and lds.protocol != suite.protocol:
+        raise ConfigError(
+            f"evaluation.lds.protocol: {lds.protocol!r} conflicts with suite {str(suite.path)!r}, "
+            f"built under the {suite.protocol!r} protocol; bench takes the protocol from the "
+            f"suite — remove evaluation.lds.protocol or point evaluation.suite at a suite built "
+            f"with protocol: {lds.protocol}"
+        )
+    recorded = {"cross_seeds": 0, "cross_seed_scope": "stream", **built}
+    for k in sorted(lds.model_fields_set & {"cross_seeds", "cross_seed_scope"}):
+        if getattr(lds, k) != recorded[k]:
+            raise ConfigError(
+                f"evaluation.lds.{k}: {getattr(lds, k)!r} conflicts with suite "
+                f"{str(suite.path)!r} (built with {k}={recorded[k]!r}); remove it or build the "
+                f"suite with this setting"
+            )
     for k in sorted(lds.model_fields_set & set(LDS_KEYS)):
         if getattr(lds, k) != built[k]:
             raise ConfigError(
@@ -242,14 +278,9 @@ def build_suite(
         return _build_suite(cfg, Path(out), progress, command)
 
 
-def _build_suite(cfg: RunConfig, out: Path, progress: bool, command: str | None) -> Suite:
-    resolved = resolve(cfg)
-    lds = cfg.evaluation.lds or LDSConfig()
-    targets = check_targets(cfg, resolved.registry)
-    executor = make_executor(cfg, resolved.registry)
-    tids = [target_id(t) for t in targets]
-    out = Path(out)
-    identity = {
+def _identity(cfg: RunConfig, lds: LDSConfig, tids: list[str]) -> dict[str, Any]:
+    """What defines a suite's runs: a resumed build with another identity is refused."""
+    return {
         "task": cfg.task.model_dump(),
         "targets": tids,
         "lds": {k: getattr(lds, k) for k in ("kept_fraction", "removed_weight")},
@@ -257,7 +288,19 @@ def _build_suite(cfg: RunConfig, out: Path, progress: bool, command: str | None)
         "model": cfg.model.model_dump(),
         "queries": cfg.queries.model_dump(),
         "dtype": cfg.dtype,
+        **(single.identity(lds) if lds.protocol == single.SINGLE else {}),
     }
+
+
+def _build_suite(cfg: RunConfig, out: Path, progress: bool, command: str | None) -> Suite:
+    resolved = resolve(cfg)
+    lds = cfg.evaluation.lds or LDSConfig()
+    is_single = lds.protocol == single.SINGLE
+    targets = check_targets(cfg, resolved.registry)
+    executor = make_executor(cfg, resolved.registry)
+    tids = [target_id(t) for t in targets]
+    out = Path(out)
+    identity = _identity(cfg, lds, tids)
     meta_path = out / "suite.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
@@ -269,6 +312,8 @@ def _build_suite(cfg: RunConfig, out: Path, progress: bool, command: str | None)
             )
     torch.set_num_threads(cfg.threads)
     task = build_task(resolved)
+    if is_single:  # the hook, the base model's path, the draws: before any work
+        single.check_single_model(cfg, task, resolved.registry, targets)
     n = task.n_train
     masks = draw_masks(n, lds.subsets, lds.kept_fraction, cfg.seed)
     meta: dict[str, Any] = {
@@ -278,6 +323,7 @@ def _build_suite(cfg: RunConfig, out: Path, progress: bool, command: str | None)
         "config": cfg.model_dump(mode="json"),
         "task": task.describe(),
         "n_train": n,
+        "protocol": lds.protocol,
         "lds": {k: getattr(lds, k) for k in LDS_KEYS},
         "targets": {tid: t.model_dump() for tid, t in zip(tids, targets, strict=True)},
         "seeds": {
@@ -292,61 +338,29 @@ def _build_suite(cfg: RunConfig, out: Path, progress: bool, command: str | None)
         "threads": cfg.threads,
         "versions": versions(resolved.registry),
     }
+    if is_single:
+        meta.update(single.meta_of(cfg, lds), seeds=single.seeds_of(cfg, lds))
     atomic_write_json(meta_path, meta)
     atomic_save_npy(out / "masks.npy", masks)
 
     base = out / "base" / "model.safetensors"
     qpath = out / "queries"
-    if base.is_file() and (qpath / "keys.json").is_file():
-        pass  # resumed: base model and queries are final
-    else:
-        model = load_or_train_model(task, cfg)
+    if not (base.is_file() and (qpath / "keys.json").is_file()):  # else resumed: both final
+        model = (
+            single.train_base(task, cfg.model.seed) if is_single else load_or_train_model(task, cfg)
+        )
         queries = load_queries(task, model, cfg)
         save_query_batch(qpath, queries)
         save_tensors(base, model.state_dict(), {"seed": str(cfg.model.seed)})
     n_query = int(next(iter(load_query_arrays(qpath).values())).shape[0])
-
-    removed = [tuple(np.flatnonzero(~m).tolist()) for m in masks]
-    runs = [Run(f"full-seed{k}", (), TRUTH_SEED + k) for k in range(lds.seeds)]
-    for m in range(
-        lds.subsets
-    ):  # a subset's models are adjacent: a partial build has whole subsets
-        runs += [
-            Run(f"subset{m:04d}-seed{k}", removed[m], TRUTH_SEED + k) for k in range(lds.seeds)
-        ]
-        runs.append(Run(f"subset{m:04d}-oracle", removed[m], ORACLE_SEED + m))
-    store = RunStore(out / "runs", (len(tids), 2, n_query))
-    config_dump = cfg.model_dump(mode="json")
-
-    def make_job(group: tuple[Run, ...]) -> Job:
-        return Job(
-            config_dump,
-            tuple(t.model_dump() for t in targets),
-            str(qpath.resolve()),
-            group,
-            lds.removed_weight,
-            cfg.seed,
-            cfg.threads,
-        )
-
-    results = execute(runs, store, make_job, executor, lds.batch, desc="suite", progress=progress)
-
-    for i, tid in enumerate(tids):
-        truth = np.stack(
-            [
-                np.stack([results[f"subset{m:04d}-seed{k}"][i] for k in range(lds.seeds)], axis=1)
-                for m in range(lds.subsets)
-            ]
-        )  # (M, 2, S, Q)
-        atomic_save_npy(out / "truth" / f"{tid}.npy", truth[:, 0])
-        atomic_save_npy(out / "truth" / f"{tid}.stderr.npy", truth[:, 1])
-        oracle = np.stack([results[f"subset{m:04d}-oracle"][i] for m in range(lds.subsets)])
-        atomic_save_npy(out / "oracle" / f"{tid}.npy", oracle[:, 0])
-        atomic_save_npy(out / "oracle" / f"{tid}.stderr.npy", oracle[:, 1])
-        full = np.stack([results[f"full-seed{k}"][i] for k in range(lds.seeds)])
-        atomic_save_npy(out / "full" / f"{tid}.npy", full[:, 0])
-        atomic_save_npy(out / "full" / f"{tid}.stderr.npy", full[:, 1])
-    meta["reliability"] = {tid: reliability(np.load(out / "truth" / f"{tid}.npy")) for tid in tids}
+    if is_single:
+        built = (task, resolved.registry, targets, tids)
+        meta["reliability"] = single.build_arrays(cfg, out, built, masks, executor, progress)
+    else:
+        distributional_arrays(cfg, out, masks, targets, tids, n_query, executor, progress)
+        meta["reliability"] = {
+            tid: reliability(np.load(out / "truth" / f"{tid}.npy")) for tid in tids
+        }
     meta["mc_stderr_mean"] = {
         tid: float(np.load(out / "truth" / f"{tid}.stderr.npy").mean()) for tid in tids
     }

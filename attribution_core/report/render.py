@@ -84,6 +84,37 @@ def _figures(out: Path, meta: dict[str, Any], table: pd.DataFrame) -> list[tuple
     return figs
 
 
+PROTOCOLS = {
+    "distributional": "each subset retrained from fresh seeds: what a model trained on D∖S "
+    "does on average",
+    "single-model": "each subset retrained with the base model's seed, initialisation and "
+    "draw stream: what this model learned from each example",
+}
+
+
+def protocol_notes(meta: dict[str, Any], table: pd.DataFrame) -> list[str]:
+    """Report notes of a single-model suite: the oracle, the ceiling, the cross-seed columns."""
+    if meta.get("protocol") != "single-model":
+        return []
+    notes = [
+        "Single-model protocol: the ceiling is the split-draw reliability (each model's target "
+        "on 2S draws, Spearman between the two S-draw halves, Spearman–Brown-corrected to 2S)."
+    ]
+    if "exact-retraining" in set(table["method"]):
+        notes.append(
+            "exact-retraining scores 1.000 by construction: under the single-model protocol a "
+            "retraining with the base seed is the truth itself (no oracle models are trained)."
+        )
+    cross = meta.get("cross") or {}
+    if cross.get("seeds"):
+        notes.append(
+            f"lds_cross_seed: LDS against the truth retrained under {len(cross['seeds'])} other "
+            f"seed(s) (scope {meta['lds'].get('cross_seed_scope', 'stream')}) on the first "
+            f"{cross['masks']} masks; lds_cross_masks: the same-seed LDS on those masks."
+        )
+    return notes
+
+
 def write_report(out: str | Path) -> tuple[Path, Path]:
     """(Re)build ``report.md``, ``report.html`` and ``figures/*.png`` from a bench directory."""
     out = Path(out)
@@ -103,7 +134,9 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
     cf_df = tables.counterfactual_summary(pd.read_csv(cf_path)) if cf_path.is_file() else None
 
     lds_cfg = meta["lds"]
+    protocol = meta.get("protocol", "distributional")
     header = (
+        f"Protocol: {protocol} ({PROTOCOLS.get(protocol, '')}). "
         f"Suite `{meta['suite']}`: {lds_cfg['subsets']} subsets × {lds_cfg['seeds']} seeds, "
         f"α = {lds_cfg['kept_fraction']}, removed weight {lds_cfg['removed_weight']}, "
         f"N = {meta['n_train']}; target `{meta['target']}`; "
@@ -134,6 +167,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
         notes.append(
             "CLIP not run (no weights given): `pixel-similarity` is the no-model baseline."
         )
+    notes += protocol_notes(meta, table)
     sections: list[tuple[str, str, str]] = [
         ("Suite reliability (the ceiling)", tables.to_markdown(rel_df), tables.to_html(rel_df)),
         ("LDS", tables.to_markdown(lds_df), tables.to_html(lds_df)),

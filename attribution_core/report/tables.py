@@ -52,6 +52,19 @@ def reliability_table(reliability: dict[str, dict[str, float]]) -> pd.DataFrame:
     rows = []
     for tid, r in reliability.items():
         rel = r.get("reliability")
+        if "split_draw_r" in r:  # single-model suite: Monte-Carlo noise of the draws only
+            rows.append(
+                {
+                    "target": tid,
+                    "split_draw_r": r.get("split_draw_r"),
+                    "reliability (2S draws)": rel,
+                    "ceiling √rel": r.get("ceiling"),
+                    "too noisy (< 0.3)": bool(
+                        rel is not None and not math.isnan(rel) and rel < RELIABILITY_FLAG
+                    ),
+                }
+            )
+            continue
         rows.append(
             {
                 "target": tid,
@@ -72,7 +85,10 @@ def lds_table(
     table: pd.DataFrame, null: dict[str, float], rel: dict[str, float] | None
 ) -> pd.DataFrame:
     """The LDS table plus reference rows: random-score null (mean; p95) and the ceiling."""
-    cols = [c for c in LDS_COLUMNS if c != "target"]
+    cols = [c for c in LDS_COLUMNS if c != "target" and c in table.columns]
+    cross = [c for c in cols if c.startswith("lds_cross")]
+    if all(table[c].isna().all() for c in cross):  # not measured (distributional suites)
+        cols = [c for c in cols if c not in cross]
     out = table[cols].copy()
     extra = [
         {
@@ -84,9 +100,10 @@ def lds_table(
         }
     ]
     if rel:
+        kind = "split-draw" if "split_draw_r" in rel else "split-seed"
         extra.append(
             {
-                "label": "(ceiling: split-seed reliability)",
+                "label": f"(ceiling: {kind} reliability)",
                 "method": "reference",
                 "lds_mean": rel.get("ceiling"),
                 "n_queries": table["n_queries"].iloc[0],

@@ -129,3 +129,22 @@ def load_images(
         raise ConfigError(f"task.data: {data!r} unknown; valid: digits, cifar10, folder")
     xt = resize(torch.from_numpy(x), image_size).clamp(-1.0, 1.0)
     return xt, torch.from_numpy(y)
+
+
+def take_examples(
+    x: Tensor, labels: Tensor, n_train: int | None, cycle: bool, classes: list[int]
+) -> tuple[Tensor, Tensor]:
+    """The first ``n_train`` examples (None: all); with ``cycle``, the examples repeated in order
+    until there are ``n_train`` (a scale benchmark's N beyond the data; every process that
+    builds the task from its options gets the same rows)."""
+    if n_train is None:
+        return x, labels
+    if n_train > x.shape[0]:
+        if not cycle:
+            raise ConfigError(
+                f"task.n_train: {n_train} > the {x.shape[0]} examples of classes {classes}; "
+                f"use at most {x.shape[0]} (or null for all), or set cycle: true to repeat them"
+            )
+        index = torch.arange(n_train) % x.shape[0]
+        return x[index], labels[index]
+    return x[:n_train], labels[:n_train]

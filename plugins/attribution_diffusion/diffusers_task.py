@@ -26,9 +26,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from attribution_core import Batch, ConfigError, select_parameters, validate_model
-from attribution_diffusion import training
-from attribution_diffusion.data import NATIVE_SIZE, load_images
+from attribution_core import (
+    Batch,
+    ConfigError,
+    TrainingRecipe,
+    select_parameters,
+    validate_model,
+)
+from attribution_diffusion.data import NATIVE_SIZE, load_images, take_examples
 from attribution_diffusion.diffusers_model import (
     DiffusersEpsilon,
     build_scheduler,
@@ -112,21 +117,13 @@ class DiffusersDDPMTask(DDPMDigitsTask):
         size = opts.image_size or NATIVE_SIZE.get(opts.data, h)
         x, labels = load_images(opts.data, opts.path, opts.classes, size, opts.grayscale)
         self._check_fit(x, unet_where, h, w)
-        if opts.n_train is not None:
-            if opts.n_train > x.shape[0]:
-                raise ConfigError(
-                    f"task.n_train: {opts.n_train} > the {x.shape[0]} examples of classes "
-                    f"{opts.classes}; use at most {x.shape[0]} (or null for all)"
-                )
-            x, labels = x[: opts.n_train], labels[: opts.n_train]
+        x, labels = take_examples(x, labels, opts.n_train, opts.cycle, opts.classes)
         self._x = x.to(self.device, self.dtype)
         self.labels = labels
         self.image_shape = tuple(x.shape[1:])  # type: ignore[assignment]
         self.n_samples = opts.n_samples
         self.schedule = Schedule.from_betas(scheduler.betas, dtype, self.device)
-        self.train_config = training.TrainConfig(
-            opts.train_steps, opts.batch_size, opts.lr, opts.scale_steps, opts.ema, opts.ema_decay
-        )
+        self.train_config = opts.train_config()
         self._sched_where = sched_where
         self._logged = False
 
@@ -166,6 +163,20 @@ class DiffusersDDPMTask(DDPMDigitsTask):
             )
             return self._finish(unet)
         return super().base_model(seed)
+
+    def training_recipe(self) -> TrainingRecipe:
+        """The training-step hook's recipe; refused for ``pretrained`` weights (not our run).
+
+        Raises:
+            ConfigError: ``pretrained: true`` with a ``model_dir``.
+        """
+        if self.opts.model_dir is not None and self.opts.pretrained:
+            raise ConfigError(
+                "task.pretrained: true — the base model's weights were loaded from model_dir, "
+                "not trained by this task, so its training cannot be replayed step by step; set "
+                "task.pretrained: false to train the base model from the seed"
+            )
+        return super().training_recipe()
 
     def _finish(self, unet: nn.Module) -> nn.Module:
         model = DiffusersEpsilon(unet).to(self.device, self.dtype).eval()
@@ -210,7 +221,7 @@ class DiffusersDDPMTask(DDPMDigitsTask):
     # ---- outputs ---------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """Name, options and a SHA-256 of the files in ``model_dir`` (for cache keys)."""
-        out = {"name": self.name, **self.opts.model_dump()}
+        out = {"name": self.name, **self.opts.described()}
         if self.opts.model_dir is not None:
             out["model_sha256"] = _digest(Path(self.opts.model_dir))
         return out

@@ -56,7 +56,7 @@ def _snapshot(
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     group = opt.param_groups[0]
     lr = float(group["lr"])
-    if not optimizer_state:
+    if not optimizer_state or "betas" not in group:  # SGD keeps no moments
         return Checkpoint(step=step, state=state, lr=lr)
     moments = {n: opt.state[p] for n, p in model.named_parameters() if "exp_avg_sq" in opt.state[p]}
     return Checkpoint(

@@ -8,7 +8,8 @@ trajectories, ``{"x": (n, C, H, W), "trajectory": (n, T+1, C, H, W)}`` (x_T..x_0
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -18,18 +19,25 @@ from torch import Tensor, nn
 from attribution_core import (
     Batch,
     Checkpoint,
-    ConfigError,
     CurvatureProblem,
+    DrawStreams,
+    Params,
+    StepBatch,
     Task,
+    TrainingRecipe,
     validate_model,
 )
-from attribution_diffusion import training
-from attribution_diffusion.data import NATIVE_SIZE, load_images
+from attribution_diffusion import steps, training
+from attribution_diffusion.data import NATIVE_SIZE, load_images, take_examples
+from attribution_diffusion.fit_rows import FitRows, x_t_rows
 from attribution_diffusion.measurements import EpsLoss
 from attribution_diffusion.replay import replay_checkpoints
 from attribution_diffusion.sampling import sample_ddim, sample_ddpm
 from attribution_diffusion.schedule import Schedule
 from attribution_diffusion.unet import UNet, check_image_size
+
+RECIPE_OPTIONS = ("optimizer", "adam_eps", "warmup_steps")
+"""Training-recipe options left out of descriptions at their defaults."""
 
 
 class DataTrainingOptions(BaseModel):
@@ -44,19 +52,57 @@ class DataTrainingOptions(BaseModel):
     n_train: int | None = Field(
         None, ge=1, description="First n examples of those classes (None = all)."
     )
+    cycle: bool = Field(
+        False,
+        description="n_train above the examples of the classes repeats them in order (scale "
+        "benchmarks: N = 20,000 from the digits).",
+    )
     image_size: int | None = Field(
         None, ge=1, description="Side in pixels (None: 8 digits, 32 otherwise)."
     )
     grayscale: bool = Field(False, description="folder only: load images as one channel.")
-    train_steps: int = Field(1000, ge=1, description="Adam steps on all of D.")
+    train_steps: int = Field(1000, ge=1, description="Optimiser steps on all of D.")
     batch_size: int = Field(64, ge=1, description="Minibatch size.")
-    lr: float = Field(2e-3, gt=0.0, description="Adam learning rate.")
+    lr: float = Field(2e-3, gt=0.0, description="Learning rate (after the warm-up).")
     scale_steps: bool = Field(True, description="Steps × kept fraction (half data → half steps).")
     ema: bool = Field(False, description="Use an EMA of the weights everywhere.")
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step.")
     n_samples: int = Field(
         8, ge=1, description="Default (t, ε) draws per example for measurements."
     )
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam",
+        description="Training optimiser: adam (torch.optim.Adam) or sgd (plain, no momentum).",
+    )
+    adam_eps: float = Field(
+        1e-8, gt=0.0, description="Adam's ε (larger: smoother in the training-data weights)."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear learning-rate warm-up over the first steps (0: none)."
+    )
+
+    def train_config(self) -> training.TrainConfig:
+        """The training hyper-parameters (``Task.train`` and the training-step hook share them)."""
+        return training.TrainConfig(
+            self.train_steps,
+            self.batch_size,
+            self.lr,
+            self.scale_steps,
+            self.ema,
+            self.ema_decay,
+            self.optimizer,
+            self.adam_eps,
+            self.warmup_steps,
+        )
+
+    def described(self) -> dict[str, Any]:
+        """``model_dump()`` without the recipe options left at their defaults (so descriptions
+        and model cache keys of runs that do not set them are unchanged)."""
+        out = self.model_dump()
+        for name in RECIPE_OPTIONS:
+            if out[name] == type(self).model_fields[name].default:
+                del out[name]
+        return out
 
     @field_validator("classes")
     @classmethod
@@ -121,21 +167,13 @@ class DDPMDigitsTask(Task):
         size = opts.image_size or NATIVE_SIZE.get(opts.data, 32)
         check_image_size(size, opts.channel_mult)
         x, labels = load_images(opts.data, opts.path, opts.classes, size, opts.grayscale)
-        if opts.n_train is not None:
-            if opts.n_train > x.shape[0]:
-                raise ConfigError(
-                    f"task.n_train: {opts.n_train} > the {x.shape[0]} examples of classes "
-                    f"{opts.classes}; use at most {x.shape[0]} (or null for all)"
-                )
-            x, labels = x[: opts.n_train], labels[: opts.n_train]
+        x, labels = take_examples(x, labels, opts.n_train, opts.cycle, opts.classes)
         self._x = x.to(self.device, self.dtype)
         self.labels = labels
         self.image_shape: tuple[int, int, int] = tuple(x.shape[1:])  # type: ignore[assignment]
         self.n_samples = opts.n_samples
         self.schedule = Schedule.linear(opts.T, opts.beta_start, opts.beta_end, dtype, self.device)
-        self.train_config = training.TrainConfig(
-            opts.train_steps, opts.batch_size, opts.lr, opts.scale_steps, opts.ema, opts.ema_decay
-        )
+        self.train_config = opts.train_config()
 
     @classmethod
     def full_step_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -164,7 +202,7 @@ class DDPMDigitsTask(Task):
         return model.to(self.device, self.dtype).eval()
 
     def train(self, model: nn.Module, weights: Tensor, seed: int) -> nn.Module:
-        """Adam on the weighted ε-loss (see :mod:`attribution_diffusion.training`)."""
+        """Adam (or SGD) on the weighted ε-loss (see :mod:`attribution_diffusion.training`)."""
         return training.train(
             model, self._x, weights.to(self.dtype), seed, self.schedule, self.train_config
         )
@@ -193,6 +231,32 @@ class DDPMDigitsTask(Task):
             self.train_config,
             optimizer_state=optimizer_state,
         )
+
+    # ---- training-step hook (single-model retraining, metagradients) -------------------------
+    def training_recipe(self) -> TrainingRecipe:
+        """``optimizer`` at ``lr`` (``adam_eps``, ``warmup_steps``) for ``train_steps`` steps (the
+        base model's), EMA when ``ema``."""
+        self._step_module  # built here, outside any torch.func transform  # noqa: B018
+        return steps.recipe(self.train_config)
+
+    def draw_stream(self, seed: int, step: int) -> StepBatch:
+        """Step ``step``'s indices over all N, ``t`` and ``ε`` (see :mod:`.steps`)."""
+        self._step_module  # built here, outside any torch.func transform  # noqa: B018
+        return self._draw_streams(seed, step)
+
+    def step_loss(self, params: Params, batch: StepBatch, weights: Tensor) -> Tensor:
+        """``mean_b w_{i_b} ‖ε_b − ε_θ(x_t, t)‖²`` over the step's ``B`` slots."""
+        return steps.step_loss(self._step_module, self.schedule, self._x, params, batch, weights)
+
+    @cached_property
+    def _draw_streams(self) -> DrawStreams:
+        n, T, bs = self._x.shape[0], self.schedule.T, self.train_config.batch_size
+        return DrawStreams(lambda gen, step: steps.draw(gen, n, self._x, T, bs))
+
+    @cached_property
+    def _step_module(self) -> nn.Module:
+        """A U-Net whose parameters :meth:`step_loss` replaces (built once)."""
+        return self.build_model(0).train()
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(
@@ -226,28 +290,18 @@ class DDPMDigitsTask(Task):
         """``MSELoss(sum)`` of ``ε_θ(x_t, t)`` against ε over N·S rows, ``scale = 1/(N·S)``.
 
         ``scale · GGN = (2/(N·S)) Σ JᵀJ`` — the design's ``GGN^model``. Each pass draws fresh
-        (t, ε) from a generator seeded by ``(seed, pass_index)``.
+        (t, ε), example ``i``'s from a generator seeded by ``(seed, pass_index, i)``
+        (:class:`~attribution_diffusion.fit_rows.FitRows`), so data shards see the same rows.
         """
-        x = self._x
-        n, s = x.shape[0], int(n_samples)
-        chunk = max(1, 512 // s)
-
-        def batches(pass_index: int) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(pass_index))
-            for start in range(0, n, chunk):
-                x0 = x[start : start + chunk].repeat_interleave(s, dim=0)
-                b = x0.shape[0]
-                t = torch.randint(1, self.schedule.T + 1, (b,), generator=gen).to(self.device)
-                eps = torch.randn((b, *x0.shape[1:]), generator=gen, dtype=x.dtype).to(self.device)
-                yield {"x_t": self.schedule.noised(x0, t, eps), "t": t}, eps.reshape(b, -1)
-
+        n, s = self._x.shape[0], int(n_samples)
         return CurvatureProblem(
             model=EpsilonOutput(model),
             loss_function=nn.MSELoss(reduction="sum"),
-            batches=batches,
+            batches=FitRows(self._x, self.schedule, s, int(seed), chunk=max(1, 512 // s)),
             scale=1.0 / (n * s),
-            batch_size_fn=lambda d: d["x_t"].shape[0],
+            batch_size_fn=x_t_rows,
             n_rows=n * s,
+            per_example=s,
         )
 
     # ---- outputs ---------------------------------------------------------------------------
@@ -257,7 +311,7 @@ class DDPMDigitsTask(Task):
 
     def describe(self) -> dict[str, Any]:
         """Name and resolved options (recorded in manifests, checkpoints and cache keys)."""
-        return {"name": self.name, **self.opts.model_dump()}
+        return {"name": self.name, **self.opts.described()}
 
     @property
     def pixels(self) -> int:

@@ -2,7 +2,8 @@
 
 Objective (paper eq. 4 with the ε-loss of eq. 2): minibatches of ``batch_size`` indices drawn
 uniformly (with replacement) from the examples with weight > 0, ``t ~ U{1..T}``, ``ε ~ N(0, I)``,
-loss = mean over the minibatch of ``w_b ‖ε − ε_θ(x_t, t)‖²``. Adam, constant learning rate.
+loss = mean over the minibatch of ``w_b ‖ε − ε_θ(x_t, t)‖²``. Adam (or plain SGD), constant
+learning rate after an optional linear warm-up (:meth:`TrainConfig.optimizer_config`).
 Step count: ``train_steps``, times ``Σw/N`` when ``scale_steps`` (half the data → half the
 steps). With ``ema`` the exponential moving average of the weights is returned.
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from attribution_core import DataError
+from attribution_core import DataError, OptimizerConfig
 from attribution_diffusion.schedule import Schedule
 
 
@@ -36,6 +37,32 @@ class TrainConfig:
     scale_steps: bool = True
     ema: bool = False
     ema_decay: float = 0.999
+    optimizer: str = "adam"
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+
+    def optimizer_config(self) -> OptimizerConfig:
+        """The optimiser as the training-step hook's record (``lr_at`` gives each step's η)."""
+        return OptimizerConfig(
+            self.optimizer,  # type: ignore[arg-type]
+            self.lr,
+            eps=self.adam_eps,
+            warmup_steps=self.warmup_steps,
+        )
+
+
+def make_optimizer(params: list[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``torch.optim.Adam(lr, eps)`` or ``torch.optim.SGD(lr)`` over ``params``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+
+
+def set_step_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
+    """Before step ``step`` (1-based): the warm-up learning rate (untouched without warm-up)."""
+    if cfg.warmup_steps > 0:
+        for group in opt.param_groups:
+            group["lr"] = cfg.optimizer_config().lr_at(step)
 
 
 def step_count(weights: Tensor, cfg: TrainConfig) -> int:
@@ -99,20 +126,21 @@ def train(
 def adam_steps(
     model: nn.Module, x: Tensor, weights: Tensor, seed: int, schedule: Schedule, cfg: TrainConfig
 ) -> Iterator[tuple[int, torch.optim.Optimizer]]:
-    """Train ``model`` in place (no EMA); yield ``(step, optimiser)`` after every Adam step.
+    """Train ``model`` in place (no EMA); yield ``(step, optimiser)`` after every step.
 
     :func:`train` and the task's training checkpoints both run this loop, so a replay from the
     same seed reproduces the trained weights bit for bit.
     """
     _check_weights(weights, x.shape[0])
     draws = _Draws(weights.detach().cpu(), seed, schedule.T, cfg.batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(list(model.parameters()), cfg)
     model.train()
     for step in range(1, step_count(weights, cfg) + 1):
         x0, w, t, eps = draws.next(x)
         loss = _loss(model(schedule.noised(x0, t, eps), t), eps, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        set_step_lr(opt, cfg, step)
         opt.step()
         yield step, opt
 
@@ -155,7 +183,7 @@ def train_ensemble(
     wcpu = weights.detach().cpu()
     draws = [_Draws(w, s, schedule.T, cfg.batch_size) for w, s in zip(wcpu, seeds, strict=True)]
     steps = [step_count(w, cfg) for w in wcpu]
-    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr)
+    opt = make_optimizer(list(params.values()), cfg)
     ema = {k: v.detach().clone() for k, v in params.items()} if cfg.ema else None
     final: list[dict[str, Tensor] | None] = [None] * len(seeds)
     for step in range(max(steps)):
@@ -165,6 +193,7 @@ def train_ensemble(
         loss = _loss(pred, eps, w).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        set_step_lr(opt, cfg, step + 1)
         opt.step()
         source = params
         if ema is not None:

@@ -8,10 +8,12 @@ round-off; ``curvlinops`` runs those operators themselves (through
 factor cache key and recorded in the curvature's info.
 
 :func:`fit_factors` runs pass 0 (Kronecker factors ``A`` / ``G`` per layer) on
-``DataPass(batches, 0)``, eigendecomposes them in float64, and for EK-FAC runs pass 1 on a new
-``DataPass(batches, 1)`` (fresh noise): the corrected eigenvalues in those eigenbases. The
-back-ends see a :class:`FactorFit` record (the validated options and the problem), never the
-Hessian object.
+``DataPass.of(problem, 0)``, eigendecomposes them in float64 (once, on the driver), and for
+EK-FAC runs pass 1 on ``DataPass.of(problem, 1)`` (fresh noise): the corrected eigenvalues in
+those eigenbases. With ``FactorFit.shards`` the ``hooks`` passes run as one job per data shard
+and their statistics are summed in shard order (:mod:`attribution_kfac.sharded`). The back-ends
+see a :class:`FactorFit` record (the validated options and the problem), never the Hessian
+object.
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attribution_core import CurvatureProblem, NumericalError
+from attribution_core import CurvatureProblem, NumericalError, ShardRunner
 from attribution_kfac import curvlinops_adapter
 from attribution_kfac.curvature import Block
 from attribution_kfac.factors import FactorPasses, Layer, unsupported
 from attribution_kfac.options import KFACOptions
 from attribution_kfac.problem import DataPass, log
+from attribution_kfac.sharded import (
+    CORRECTION_PHASE,
+    FACTOR_PHASE,
+    CorrectionShard,
+    KroneckerShard,
+    cpu_tensors,
+    to_device,
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +53,10 @@ class FactorFit:
         params: the included parameters of ``problem.model``, in flat order.
         blocks: one per Linear/Conv2d layer holding included parameters.
         layers: the hooked modules of ``blocks`` (same order).
-        seed: seed of the pseudo-target generator (reset at the start of every pass).
+        seed: seed of the pseudo-targets (per loss row, :mod:`attribution_kfac.draws`).
         progress: show curvlinops' progress bars.
+        shards: run the ``hooks`` passes per data shard on it (:mod:`attribution_kfac.sharded`,
+            which decides); None = one local pass.
     """
 
     options: KFACOptions
@@ -56,6 +68,7 @@ class FactorFit:
     layers: list[Layer]
     seed: int
     progress: bool = False
+    shards: ShardRunner | None = None
 
 
 def check_finite(named: list[tuple[str, str, Tensor | None]]) -> None:
@@ -114,7 +127,7 @@ def fit_factors(fit: FactorFit) -> dict[str, Tensor]:
     Raises:
         NumericalError: a factor or corrected eigenvalue is NaN/Inf (names the layer).
     """
-    A, G, runner = _kronecker_factors(fit, DataPass(fit.problem.batches, 0))
+    A, G, runner = _kronecker_factors(fit, DataPass.of(fit.problem, 0))
     named = []
     for block in fit.blocks:
         named.append((block.label, "input covariance A", A.get(block.layer)))
@@ -131,7 +144,7 @@ def fit_factors(fit: FactorFit) -> dict[str, Tensor]:
         if block.bias is not None and not block.joint:
             out[f"{block.layer}|E_bias"] = lam_g.clone()
     if fit.ekfac:
-        _eigenvalue_correction(runner, DataPass(fit.problem.batches, 1), fit, out)
+        _eigenvalue_correction(runner, DataPass.of(fit.problem, 1), fit, out)
     # contiguous: the same memory layout (hence the same bits downstream) as a cache read
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -155,7 +168,14 @@ def _kronecker_factors(
             seed=fit.seed,
             device=fit.params[0].device,
         )
-        A, G = passes.kronecker_factors(data)
+        if fit.shards is None:
+            A, G = passes.kronecker_factors(data)
+            return A, G, passes
+        # Σ_shards of each shard's share, in shard order; G = I (forward-only) after the sum
+        job = KroneckerShard.of(problem, fit.layers, fit.options, fit.seed)
+        sums = fit.shards.reduce(FACTOR_PHASE, job, problem.n_examples)
+        A, G = to_device(sums["A"], passes.device), to_device(sums["G"], passes.device)
+        passes.finish_factors(G)
         return A, G, passes
     op = curvlinops_adapter.kronecker_operator(
         problem, fit.params, data, fit.options, ekfac=fit.ekfac, seed=fit.seed,
@@ -182,7 +202,15 @@ def _eigenvalue_correction(
         if f"{block.layer}|QA" in out:
             QA[block.layer] = out[f"{block.layer}|QA"].to(dtype)
             out[f"{block.layer}|QA"] = QA[block.layer].to(torch.float64)
-    if isinstance(runner, FactorPasses):
+    if isinstance(runner, FactorPasses) and fit.shards is not None:
+        # the eigenbases travel with the job (once per pass), the shards' sums come back
+        job = CorrectionShard.of(
+            fit.problem, fit.layers, fit.options, fit.seed,
+            QA=cpu_tensors(QA), QG=cpu_tensors(QG),
+        )  # fmt: skip
+        sums = fit.shards.reduce(CORRECTION_PHASE, job, fit.problem.n_examples)
+        corrected = to_device(sums, runner.device)
+    elif isinstance(runner, FactorPasses):
         corrected = runner.eigenvalue_correction(data, QA, QG)
     else:
         corrected = curvlinops_adapter.corrected_eigenvalues(runner, data, QA, QG)

@@ -9,6 +9,11 @@ curvlinops releases, so this module is the only place that touches them, and eve
 first checks the installed version against :data:`SUPPORTED` (a :class:`ConfigError` naming the
 installed version, the supported range and the fix otherwise).
 
+Pseudo-targets: the operators are subclasses (:func:`operator_class`) whose ``draw_label``
+draws per loss row (:class:`attribution_kfac.draws.PseudoTargets`; the row count starts at the
+data object's ``first_row`` and the pass is its ``pass_index``), so both back-ends, and every data
+shard, draw the same pseudo-targets; curvlinops' own generator is unused.
+
 Dictionaries are keyed by module name in the curvature problem's model (``Layer.name``).
 Kronecker factors: ``A: (d_in [+1], d_in [+1])`` (only for layers whose weight is included;
 ``+1`` for ``[W | b]`` joint blocks), ``G: (d_out, d_out)``, in the model's dtype, in
@@ -27,6 +32,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from attribution_core import ConfigError, CurvatureProblem
+from attribution_kfac.draws import PseudoTargets
 from attribution_kfac.options import KFACOptions
 
 DISTRIBUTION = "curvlinops-for-pytorch"
@@ -105,11 +111,10 @@ def kronecker_operator(
         data: the re-iterable ``(X, y)`` batches of the factor pass (pass 0).
         options: fisher, mc_samples, approx and separate_weight_and_bias are used.
         ekfac: build the EK-FAC operator.
-        seed: seed of the pseudo-target generator (reset by curvlinops at every pass).
+        seed: seed of the pseudo-targets (per loss row, :mod:`attribution_kfac.draws`).
         progress: show curvlinops' progress bars.
     """
-    cl = module()
-    cls = cl.EKFACLinearOperator if ekfac else cl.KFACLinearOperator
+    cls = operator_class(ekfac)
     return cls(
         problem.model,
         problem.loss_function,
@@ -126,6 +131,37 @@ def kronecker_operator(
         num_data=problem.n_rows or None,
         batch_size_fn=problem.batch_size_fn,
     )
+
+
+@functools.cache
+def operator_class(ekfac: bool) -> type:
+    """``KFACLinearOperator`` / ``EKFACLinearOperator`` drawing pseudo-targets per loss row.
+
+    ``_loop_over_data`` (which every pass iterates) starts a :class:`PseudoTargets` per batch,
+    counting rows from ``self._data.first_row`` in pass ``self._data.pass_index`` (0 for a plain
+    iterable); ``draw_label`` (called ``mc_samples`` times per batch) draws from it.
+    """
+    cl = module()
+    base = cl.EKFACLinearOperator if ekfac else cl.KFACLinearOperator
+
+    class PerRowDraws(base):  # type: ignore[valid-type, misc]
+        _draws: PseudoTargets | None = None
+
+        def _loop_over_data(self, desc: str | None = None, add_device_to_desc: bool = True):
+            index = getattr(self._data, "pass_index", 0)
+            row = getattr(self._data, "first_row", 0)
+            for X, y in super()._loop_over_data(desc, add_device_to_desc):
+                self._draws = PseudoTargets(self._seed, index, row, y.shape[0])
+                row += y.shape[0]
+                yield X, y
+
+        def draw_label(self, output: Tensor) -> Tensor:
+            if self._draws is None:
+                raise RuntimeError("draw_label outside a data pass")
+            return self._draws.draw(self._loss_func, output)
+
+    PerRowDraws.__name__ = PerRowDraws.__qualname__ = base.__name__
+    return PerRowDraws
 
 
 def ggn_operator(

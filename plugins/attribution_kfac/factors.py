@@ -1,8 +1,8 @@
 """K-FAC / EK-FAC factors from our own hooks, in curvlinops 3.0's conventions (the fast back-end).
 
 Computes what ``curvlinops.KFACLinearOperator.compute_kronecker_factors`` and
-``EKFACLinearOperator.compute_eigenvalue_correction`` compute — the same pseudo-targets (one
-``torch.Generator`` seeded with ``seed`` at the start of each pass, drawn in the same order), the
+``EKFACLinearOperator.compute_eigenvalue_correction`` compute — the same pseudo-targets (seeded
+per loss row, :mod:`attribution_kfac.draws`, which the adapter installs into curvlinops too), the
 same scaling (``A`` divided by ``N·L`` under expand, ``G`` and the corrected eigenvalues by the
 number of MC samples), the same ``[W | b]`` layout — so the factors agree to float round-off
 (``tests/kfac/test_kfac_factors.py`` compares them). What differs is the work done per pass:
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from attribution_kfac import curvlinops_adapter, rotation
+from attribution_kfac.draws import PseudoTargets
 from attribution_kfac.options import KFACOptions
 from attribution_kfac.patches import (
     cl_order,
@@ -87,8 +88,10 @@ class FactorPasses:
             ``mc_samples`` (pseudo-targets per row, ``mc`` only), ``approx`` (``expand`` |
             ``reduce``) and ``separate_weight_and_bias`` (False: ``[W | b]`` in one block for
             layers with both) are used.
-        n_data: ``N`` (rows of the data set).
-        seed: seed of the pseudo-target generator (reset at the start of every pass).
+        n_data: ``N`` (loss rows of the whole pass, also when ``data`` is one shard of it: the
+            factors of a shard are its share of the whole pass's, so shards sum to it).
+        seed: seed of the pseudo-targets (row ``r`` of pass ``p``: :mod:`attribution_kfac.draws`;
+            a data object's ``pass_index`` and ``first_row`` give ``p`` and the first ``r``, else 0).
         device: where batches are moved (tensor ``X`` and ``y``).
     """
 
@@ -118,6 +121,14 @@ class FactorPasses:
 
         ``A: (d_a, d_a)``, ``G: (d_out, d_out)`` in the model's dtype and curvlinops' units.
         """
+        A, G = self.kronecker_sums(data)
+        self.finish_factors(G)
+        return A, G
+
+    def kronecker_sums(
+        self, data: Iterable[tuple[Any, Tensor]]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """:meth:`kronecker_factors` before :meth:`finish_factors`: additive over data shards."""
         A: dict[str, Tensor] = {}
         G: dict[str, Tensor] = {}
 
@@ -129,11 +140,14 @@ class FactorPasses:
             _add(G, layer.name, self._gradient_covariance(layer, g).mul_(scale))
 
         self._run(data, on_input, on_grad)
+        return A, G
+
+    def finish_factors(self, G: dict[str, Tensor]) -> None:
+        """``G = I`` per layer for the forward-only Fisher (after the data, not per shard)."""
         if self.fisher == "forward-only":
             for layer in self.layers:
                 d_out = _out_features(layer.module)
                 G[layer.name] = torch.eye(d_out, dtype=self._dtype(), device=self.device)
-        return A, G
 
     def eigenvalue_correction(
         self, data: Iterable[tuple[Any, Tensor]], QA: dict[str, Tensor], QG: dict[str, Tensor]
@@ -200,18 +214,19 @@ class FactorPasses:
         for layer in self.layers:
             handles.append(layer.module.register_forward_hook(self._hook(layer, on_input)))
         self._keep_inputs = keep_inputs
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed)
+        index, row = getattr(data, "pass_index", 0), getattr(data, "first_row", 0)
         try:
             for batch, (X, y) in enumerate(data):
                 self._batch = batch
                 if isinstance(X, Tensor):
                     X = X.to(self.device)
                 y = y.to(self.device)
+                draws = PseudoTargets(self.seed, index, row, y.shape[0])
+                row += y.shape[0]
                 self._calls = []
                 output = self.model(X)
                 output, y = _flatten_output(self.loss_func, output, y)
-                for grads, scale in self._output_gradients(output, y, gen):
+                for grads, scale in self._output_gradients(output, y, draws):
                     for (layer, x, _), g in zip(self._calls, grads, strict=True):
                         if g is not None:
                             on_grad(layer, x, g, scale * self._correction(g.shape[0]))
@@ -236,7 +251,7 @@ class FactorPasses:
 
         return hook
 
-    def _output_gradients(self, output: Tensor, y: Tensor, gen: torch.Generator):
+    def _output_gradients(self, output: Tensor, y: Tensor, draws: PseudoTargets):
         """Yield ``(grads of every recorded layer output, scale)`` for each backward pass."""
         if self.fisher == "forward-only":
             return
@@ -250,7 +265,7 @@ class FactorPasses:
 
         if self.fisher == "mc":
             for i in range(self.mc_samples):
-                loss = self._loss(output, _draw_label(self.loss_func, output, gen))
+                loss = self._loss(output, draws.draw(self.loss_func, output))
                 yield grads(loss, i != self.mc_samples - 1), 1.0 / self.mc_samples
         elif self.fisher == "empirical":
             yield grads(self._loss(output, y), False), 1.0
@@ -365,13 +380,3 @@ def _flatten_output(loss_func: nn.Module, output: Tensor, y: Tensor) -> tuple[Te
         output = output.reshape(-1, output.shape[-1])
         y = y.reshape(-1, y.shape[-1])
     return output, y
-
-
-def _draw_label(loss_func: nn.Module, output: Tensor, gen: torch.Generator) -> Tensor:
-    """A pseudo-target from the likelihood the loss implies (curvlinops' ``draw_label``)."""
-    if isinstance(loss_func, nn.MSELoss):
-        noise = torch.randn(output.shape, device=output.device, dtype=output.dtype, generator=gen)
-        return output.clone().detach() + math.sqrt(0.5) * noise
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        return output.softmax(dim=1).multinomial(num_samples=1, generator=gen).squeeze(-1)
-    return output.sigmoid().bernoulli(generator=gen)

@@ -4,6 +4,9 @@
 problem (pass 0: a fixed set of Monte-Carlo draws, the same one ``dense_ggn`` uses), plus
 ``(λ + 2·l2) v``. Each CG iteration is one data pass for up to ``max_columns`` right-hand sides.
 The reference for models too large for a dense matrix (e.g. a small U-Net).
+
+Not sharded: every CG iteration is a full GGN-product pass inside curvlinops' operator, in this
+process, whatever ``FitInputs.shards`` says (recorded as ``sharding`` in the curvature's info).
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ class GGNCGHessian(HessianApproximation):
         problem = get_problem(inputs.model, task, inputs.seed, n_samples, self.name)
         plist, excluded = problem_parameters(problem, params, self.name)
         op = curvlinops_adapter.ggn_operator(
-            problem, plist, DataPass(problem.batches, 0), inputs.progress
+            problem, plist, DataPass.of(problem, 0), inputs.progress
         )
         p = sum(t.numel() for t in params.values())
         info: dict[str, Any] = {
@@ -187,6 +190,11 @@ class GGNCGHessian(HessianApproximation):
             **opts.recorded(),
             "n_samples": n_samples,
             "excluded": excluded,
+            "sharding": {
+                "sharded": False,
+                "why": "ggn-cg's CG iterations are GGN-product passes inside one curvlinops "
+                "operator (one process)",
+            },
         }
         damping = opts.damping
         if opts.damping_mode == "relative":

@@ -18,6 +18,12 @@ curvlinops' factors to float round-off; ``curvlinops`` uses ``KFACLinearOperator
 not support (grouped convs, other losses) falls back to curvlinops; the back-end used is
 recorded in the curvature's info (hence the manifest) and is part of the factor cache key.
 
+Data shards (``FitInputs.shards``, :mod:`attribution_kfac.sharded`): with the ``hooks``
+back-end and several shards (or a distributed executor) both passes run as one job per shard of
+training examples, summed on the driver in shard order; the eigendecompositions run once. The
+curvature's info records ``sharding`` (``sharded``, the shard count and phases, or ``why`` not:
+the ``curvlinops`` back-end stays local); the shard boundaries are part of the factor cache key.
+
 Options: the constructor validates its keyword arguments once into a frozen
 :class:`~attribution_kfac.options.KFACOptions` (``self.options``); the curvature's info and the
 factor cache key are derived from it, and the back-ends receive it (in a
@@ -53,8 +59,9 @@ from attribution_kfac.problem import (
     log,
     problem_parameters,
 )
+from attribution_kfac.sharded import shard_plan
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: (t, ε) and pseudo-targets seeded per example / row (data shards)
 
 
 def _mc_seed(seed: int) -> int:
@@ -103,7 +110,10 @@ class KFACHessian(HessianApproximation):
         layers = fit_layers(problem, blocks)
         backend = resolve_backend(opts.backend, layers, problem, self.name)
         resolved = {"n_samples": n_samples, "backend": backend}
+        shards, sharding = shard_plan(inputs.shards, backend, problem, self.ekfac)
         parts = self._key_parts(inputs, problem, resolved)
+        if shards is not None:  # the shard boundaries set the association of the sums (bits)
+            parts["shards"] = sharding["bounds"]
         use_cache = inputs.cache_dir is not None and opts.cache
         store = FactorCache(inputs.cache_dir) if use_cache else None
         t0 = time.perf_counter()
@@ -112,7 +122,7 @@ class KFACHessian(HessianApproximation):
         if factors is None:
             fit = FactorFit(
                 opts, self.ekfac, backend, problem, plist, blocks, layers,
-                _mc_seed(inputs.seed), inputs.progress,
+                _mc_seed(inputs.seed), inputs.progress, shards,
             )  # fmt: skip
             factors = fit_factors(fit)
             if store is not None:
@@ -133,6 +143,7 @@ class KFACHessian(HessianApproximation):
             "from_cache": cached,
             "fit_seconds": fit_seconds,
             "data_passes": 0 if cached else (2 if self.ekfac else 1),
+            "sharding": {k: v for k, v in sharding.items() if k != "bounds"},
         }
         return KroneckerCurvature(
             blocks,

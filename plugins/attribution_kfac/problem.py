@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,24 +20,53 @@ SUPPORTED = (nn.Linear, nn.Conv2d)
 
 @dataclass(frozen=True)
 class DataPass:
-    """One data pass over a curvature problem: re-iterable ``batches(index)``.
+    """One data pass over a curvature problem (or one data shard of it): re-iterable batches.
 
-    A fit builds one object per pass — ``index`` 0 for the Kronecker factors (and GGN-CG's
+    A fit builds one object per pass — ``pass_index`` 0 for the Kronecker factors (and GGN-CG's
     products), 1 for EK-FAC's eigenvalue correction — so each pass draws its own seeded
-    Monte-Carlo noise (the task seeds it by ``(seed, index)``) and nothing is reassigned
-    between passes. Every ``iter()`` of one object yields the same batches and noise
+    Monte-Carlo noise (the task seeds it per example by ``(seed, pass_index, i)``) and nothing is
+    reassigned between passes. Every ``iter()`` of one object yields the same batches and noise
     (curvlinops operators are then built with ``check_deterministic=False``).
 
     Attributes:
-        batches: ``CurvatureProblem.batches``: ``index -> iterable of (inputs, targets)``.
-        index: the pass index.
+        batches: ``CurvatureProblem.batches``: ``(pass_index, rows) -> iterable of (inputs,
+            targets)``.
+        pass_index: the pass index.
+        rows: the training examples of this shard (None: the whole pass).
+        per_example: loss rows per training example (``CurvatureProblem.per_example``).
     """
 
-    batches: Callable[[int], Iterable[tuple[Any, Tensor]]]
-    index: int = 0
+    batches: Callable[..., Iterable[tuple[Any, Tensor]]]
+    pass_index: int = 0
+    rows: slice | None = None
+    per_example: int = 1
+
+    @classmethod
+    def of(cls, problem: CurvatureProblem, pass_index: int, rows: slice | None = None) -> DataPass:
+        """Pass ``pass_index`` of ``problem`` (restricted to training examples ``rows``)."""
+        return cls(problem.batches, pass_index, rows, problem.per_example)
+
+    @property
+    def first_row(self) -> int:
+        """The absolute index of the first loss row this pass yields (per-row seeds count on)."""
+        return 0 if self.rows is None else (self.rows.start or 0) * self.per_example
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
-        return iter(self.batches(self.index))
+        if self.rows is None:
+            return iter(self.batches(self.pass_index))
+        return iter(self.batches(self.pass_index, self.rows))
+
+
+def row_restrictable(problem: CurvatureProblem) -> bool:
+    """Whether ``problem.batches`` takes ``(pass_index, rows)`` (a task written before data
+    shards takes ``pass_index`` only, and is run as one local pass)."""
+    try:
+        inspect.signature(problem.batches).bind(0, slice(0, 0))
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): assume the documented one
+        return True
+    return True
 
 
 def fit_samples(n_samples: int | None, train_function: Measurement) -> int:

@@ -183,9 +183,17 @@ class ExactRetrainingScorer(Scorer):
 
     # ---- subsets -----------------------------------------------------------------------------
     def predict_subsets(
-        self, masks: Tensor, scores: Tensor, *, oracle: Tensor | None = None
+        self,
+        masks: Tensor,
+        scores: Tensor,
+        *,
+        oracle: Tensor | None = None,
+        removed_weight: float = 0.0,
     ) -> Tensor:
         """``(M, Q)``: the suite's ``oracle`` if given, else ``m(θ_mask) − m(θ_full)`` retrained.
+
+        ``removed_weight`` is ignored: the oracle models were retrained with it (no first-order
+        factor applies to a retrained model).
 
         Raises:
             DataError: ``masks``/``oracle`` shapes disagree with ``scores``.

@@ -7,13 +7,28 @@ minibatches of all N examples (removed examples contribute weight 0), a fixed nu
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from attribution_core import Batch, Checkpoint, CurvatureProblem, Measurement, Task
+from attribution_core import (
+    Batch,
+    Checkpoint,
+    CurvatureProblem,
+    DrawStreams,
+    Measurement,
+    OptimizerConfig,
+    Params,
+    StepBatch,
+    Task,
+    TrainingRecipe,
+    row_chunks,
+)
 from attribution_supervised.measurements import CrossEntropy
 from attribution_supervised.replay import check_every, keep, snapshot
 
@@ -37,6 +52,16 @@ class DigitsClassifierOptions(BaseModel):
     lr: float = Field(1e-2, gt=0.0, description="Adam learning rate.")
     batch_size: int = Field(64, ge=1, description="Minibatch size.")
     l2: float = Field(1e-3, ge=0.0, description="λ of λ‖θ‖² (keeps the Hessian well-posed).")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam",
+        description="Training optimiser: adam (torch.optim.Adam) or sgd (plain, no momentum).",
+    )
+    adam_eps: float = Field(
+        1e-8, gt=0.0, description="Adam's ε (larger: smoother in the training-data weights)."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear learning-rate warm-up over the first steps (0: none)."
+    )
 
     @field_validator("classes")
     @classmethod
@@ -62,12 +87,16 @@ class DigitsClassifierTask(Task):
         lr: float = 1e-2,
         batch_size: int = 64,
         l2: float = 1e-3,
+        optimizer: str = "adam",
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
         self.dtype, self.device = dtype, torch.device(device)
         self.classes = classes or list(range(10))
         self.hidden, self.steps, self.lr, self.bs, self.l2 = hidden, steps, lr, batch_size, l2
+        self.optimizer = OptimizerConfig(optimizer, lr, eps=adam_eps, warmup_steps=warmup_steps)  # type: ignore[arg-type]
         X, y = load_digits_arrays()
         keep = np.isin(y, self.classes)
         X, y = X[keep], np.searchsorted(self.classes, y[keep])
@@ -85,6 +114,9 @@ class DigitsClassifierTask(Task):
             "batch_size": batch_size,
             "l2": l2,
         }
+        recipe = {"optimizer": optimizer, "adam_eps": adam_eps, "warmup_steps": warmup_steps}
+        defaults = {"optimizer": "adam", "adam_eps": 1e-8, "warmup_steps": 0}
+        self.options.update({k: v for k, v in recipe.items() if v != defaults[k]})  # else unchanged
 
     def _batch(self, X: np.ndarray, y: np.ndarray) -> Batch:
         return {
@@ -104,7 +136,8 @@ class DigitsClassifierTask(Task):
         ).to(self.device, self.dtype)
 
     def train(self, model: nn.Module, weights: Tensor, seed: int) -> nn.Module:
-        """Adam on ``(1/N) Σ_j w_j CE_j + λ‖θ‖²`` over uniform minibatches, ``steps`` steps."""
+        """Adam (or SGD) on ``(1/N) Σ_j w_j CE_j + λ‖θ‖²`` over uniform minibatches, ``steps``
+        steps (learning rate after the optional warm-up: ``OptimizerConfig.lr_at``)."""
         for _ in self._adam_steps(model, weights, seed):
             pass
         return model.eval()
@@ -117,7 +150,11 @@ class DigitsClassifierTask(Task):
         x, y = self._data["x"], self._data["y"]
         w = weights.to(self.device, self.dtype)
         n = x.shape[0]
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
+        cfg = self.optimizer
+        if cfg.kind == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.eps)
         model.train()
         for step in range(1, self.steps + 1):
             idx = torch.randint(n, (min(self.bs, n),), generator=gen).to(self.device)
@@ -125,6 +162,8 @@ class DigitsClassifierTask(Task):
             loss = (w[idx] * ce).mean() + self.regularizer(dict(model.named_parameters()))
             opt.zero_grad()
             loss.backward()
+            if cfg.warmup_steps > 0:
+                opt.param_groups[0]["lr"] = cfg.lr_at(step)
             opt.step()
             yield step, opt
 
@@ -137,8 +176,43 @@ class DigitsClassifierTask(Task):
         out = []
         for step, opt in self._adam_steps(model, torch.ones(self.n_train, dtype=self.dtype), seed):
             if keep(step, every, self.steps):
-                out.append(snapshot(step, model, self.lr, opt if optimizer_state else None))
+                adam = optimizer_state and self.optimizer.kind == "adam"  # SGD: no moments
+                lr = self.optimizer.lr_at(step)
+                out.append(snapshot(step, model, lr, opt if adam else None))
         return out
+
+    # ---- training-step hook (single-model retraining, metagradients) -------------------------
+    def training_recipe(self) -> TrainingRecipe:
+        """``train``'s optimiser for ``steps`` steps on minibatches of ``min(batch_size, N)``."""
+        n = self._data["x"].shape[0]
+        self._step_module  # built here, outside any torch.func transform  # noqa: B018
+        return TrainingRecipe(self.steps, min(self.bs, n), self.optimizer)
+
+    def draw_stream(self, seed: int, step: int) -> StepBatch:
+        """Step ``step``'s ``B`` indices, uniform over all N (``train``'s generator, in order)."""
+        self._step_module  # built here, outside any torch.func transform  # noqa: B018
+        return self._draw_streams(seed, step)
+
+    def step_loss(self, params: Params, batch: StepBatch, weights: Tensor) -> Tensor:
+        """``Σ_b w_{i_b} CE_{i_b} / B + λ‖θ‖²`` — :meth:`train`'s minibatch loss, functionally."""
+        x, y = self._data["x"], self._data["y"]
+        idx = batch.indices.to(self.device)
+        logits = functional_call(self._step_module, dict(params), (x[idx],))
+        ce = nn.functional.cross_entropy(logits, y[idx], reduction="none")
+        w = weights.to(self.device, self.dtype)
+        return (w[idx] * ce).mean() + self.regularizer(params)
+
+    @cached_property
+    def _draw_streams(self) -> DrawStreams:
+        n = self._data["x"].shape[0]
+        size = min(self.bs, n)
+        return DrawStreams(lambda gen, step: StepBatch(torch.randint(n, (size,), generator=gen)))
+
+    @cached_property
+    def _step_module(self) -> nn.Module:
+        """An MLP whose parameters :meth:`step_loss` replaces (the global RNG is left alone)."""
+        with torch.random.fork_rng(devices=[]):
+            return self.build_model(0)
 
     def make_queries(self, model: nn.Module, n: int, seed: int) -> Batch:
         """``n`` held-out examples chosen by ``seed``."""
@@ -154,10 +228,14 @@ class DigitsClassifierTask(Task):
         """``CrossEntropyLoss(sum)`` on the logits, scale ``1/N``."""
         x, y = self._data["x"], self._data["y"]
         n = x.shape[0]
+
+        def batches(pass_index: int, rows: slice | None = None) -> list[tuple[Tensor, Tensor]]:
+            return [(x[r], y[r]) for r in row_chunks(rows, n, 256)]  # no noise: any pass
+
         return CurvatureProblem(
             model=model,
             loss_function=nn.CrossEntropyLoss(reduction="sum"),
-            batches=lambda pass_index: [(x[i : i + 256], y[i : i + 256]) for i in range(0, n, 256)],
+            batches=batches,
             scale=1.0 / n,
             n_rows=n,
         )

@@ -9,7 +9,9 @@ Exact Hessian: ``H = (2/N) X̃ᵀX̃ + 2λI``.
 ``solver: gd`` replaces the closed form by ``steps`` steps of full-batch gradient descent from
 ``build_model(seed)``'s initialisation, ``θ ← θ − lr·∇L(θ)`` with
 ``∇L(θ) = (2/N) X̃ᵀ(w ⊙ (X̃θ − y)) + 2λθ`` (float64), which gives the task training checkpoints
-(:meth:`LinearRegressionTask.checkpoints`, for TracIn).
+(:meth:`LinearRegressionTask.checkpoints`, for TracIn) and the training-step hook
+(single-model retraining, metagradients). ``optimizer: adam`` takes the same ``steps`` as Adam
+steps (``torch.optim.Adam`` semantics) on the same full-batch objective.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from attribution_core import (
     CurvatureProblem,
     DataError,
     Measurement,
+    OptimizerConfig,
+    OptimizerState,
+    Params,
+    StepBatch,
     Task,
+    TrainingRecipe,
+    optimizer_update,
+    row_chunks,
+    training_state_of,
 )
 from attribution_supervised.measurements import SquaredError
 from attribution_supervised.replay import check_every, keep, snapshot
@@ -53,6 +63,9 @@ class LinearRegressionOptions(BaseModel):
     )
     steps: int = Field(100, ge=1, description="Gradient-descent steps (solver: gd).")
     lr: float = Field(0.1, gt=0.0, description="Gradient-descent learning rate (solver: gd).")
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="solver: gd — plain gradient descent (sgd) or Adam steps."
+    )
 
 
 class LinearRegressionTask(Task):
@@ -72,6 +85,7 @@ class LinearRegressionTask(Task):
         solver: str = "closed-form",
         steps: int = 100,
         lr: float = 0.1,
+        optimizer: str = "sgd",
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -89,6 +103,9 @@ class LinearRegressionTask(Task):
         if solver != "closed-form":  # closed-form descriptions (and cache keys) unchanged
             self.options.update(solver=solver, steps=steps, lr=lr)
         self.solver, self.steps, self.lr = solver, steps, lr
+        self.optimizer = optimizer
+        if solver != "closed-form" and optimizer != "sgd":  # sgd descriptions unchanged
+            self.options.update(optimizer=optimizer)
         self._query_pool: Batch | None = None
         if path is not None:
             X, y, self._query_pool = self._load(Path(path))
@@ -156,6 +173,9 @@ class LinearRegressionTask(Task):
 
     def _gd_steps(self, model: nn.Module, weights: Tensor) -> Iterator[int]:
         """Full-batch GD in place (float64 iterate, copied into ``model``); yield each step."""
+        if self.optimizer != "sgd":
+            yield from self._hook_steps(model, weights)
+            return
         X, y = self._data["x"].double(), self._data["y"].double()
         n = X.shape[0]
         Xt = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
@@ -191,6 +211,77 @@ class LinearRegressionTask(Task):
             if keep(step, every, self.steps)
         ]
 
+    # ---- training-step hook (single-model retraining, metagradients) -------------------------
+    def training_recipe(self) -> TrainingRecipe:
+        """``steps`` full-batch steps (``B = N``) of GD or Adam at ``lr`` (``solver: gd`` only).
+
+        Raises:
+            ConfigError: ``solver: closed-form`` (no training run to replay).
+        """
+        if self.solver != "gd":
+            raise ConfigError(
+                "task.solver: 'closed-form' has no training run to replay step by step; set "
+                "task.solver: gd (with task.steps, task.lr, task.optimizer) for single-model "
+                "retraining and metagradients"
+            )
+        return TrainingRecipe(self.steps, self.n_train, OptimizerConfig(self.optimizer, self.lr))
+
+    def draw_stream(self, seed: int, step: int) -> StepBatch:
+        """Every example, every step: ``indices = 0..N-1`` (full batch, no noise, any seed)."""
+        return StepBatch(torch.arange(self.n_train))
+
+    def step_loss(self, params: Params, batch: StepBatch, weights: Tensor) -> Tensor:
+        """``Σ_b w_{i_b} (y_{i_b} − θᵀx̃_{i_b})² / B + λ‖θ‖²`` (float64)."""
+        Xt, y, theta = self._design(batch), self._data["y"].double(), _flat(params)
+        r = Xt @ theta - y
+        w = weights.to(Xt).reshape(-1)
+        return (w * r * r).sum() / r.shape[0] + self.l2 * (theta * theta).sum()
+
+    def train_step(
+        self,
+        params: Params,
+        optimizer_state: OptimizerState,
+        step: int,
+        batch: StepBatch,
+        weights: Tensor,
+    ) -> tuple[dict[str, Tensor], OptimizerState]:
+        """One step with the closed-form gradient ``(2/N) X̃ᵀ(w ⊙ (X̃θ − y)) + 2λθ`` (float64).
+
+        The same operations as the SGD loop of :meth:`train`, so replaying the hook reproduces
+        it bit for bit; the iterate is float64 whatever the task's dtype.
+        """
+        recipe = self.training_recipe()
+        Xt, y, theta = self._design(batch), self._data["y"].double(), _flat(params)
+        n = Xt.shape[0]
+        w = weights.to(Xt).reshape(-1)
+        grad = 2.0 * Xt.T @ (w * (Xt @ theta - y)) / n + 2.0 * self.l2 * theta
+        if recipe.optimizer.kind == "sgd":
+            return _split(theta - self.lr * grad), optimizer_state
+        state = OptimizerState(  # float64 moments, like the iterate
+            {k: v.double() for k, v in optimizer_state.exp_avg.items()},
+            {k: v.double() for k, v in optimizer_state.exp_avg_sq.items()},
+        )
+        return optimizer_update(_split(theta), _split(grad), state, step, recipe)
+
+    def _design(self, batch: StepBatch) -> Tensor:
+        """``X̃ = [X, 1]`` (float64); the batch must be the full batch ``0..N-1``."""
+        X = self._data["x"].double()
+        n = X.shape[0]
+        if batch.indices.shape != (n,):
+            raise ValueError(f"batch mismatch: expected the full batch of {n} rows.")
+        return torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
+
+    def _hook_steps(self, model: nn.Module, weights: Tensor) -> Iterator[int]:
+        """:meth:`train_step` in place from ``model`` (float64 iterate); yield each step."""
+        params, state = training_state_of(model, self.training_recipe())
+        w = weights.detach()
+        for step in range(1, self.steps + 1):
+            params, state = self.train_step(params, state, step, self.draw_stream(0, step), w)
+            with torch.no_grad():
+                model.weight.copy_(params["weight"])
+                model.bias.copy_(params["bias"])
+            yield step
+
     def make_queries(self, model: nn.Module, n: int, seed: int) -> Batch:
         """Fresh draws from the synthetic distribution (or rows of X_query/y_query)."""
         if self._query_pool is not None:
@@ -210,14 +301,16 @@ class LinearRegressionTask(Task):
 
     def curvature_problem(self, model: nn.Module, seed: int, n_samples: int) -> CurvatureProblem:
         """``MSELoss(sum)`` on ``model(x)``, scale ``1/N`` (GGN = (2/N) X̃ᵀX̃)."""
-        x, y = self._data["x"], self._data["y"]
+        x, y = self._data["x"], self._data["y"][:, None]
         n = x.shape[0]
+
+        def batches(pass_index: int, rows: slice | None = None) -> list[tuple[Tensor, Tensor]]:
+            return [(x[r], y[r]) for r in row_chunks(rows, n, 256)]  # no noise: any pass
+
         return CurvatureProblem(
             model=model,
             loss_function=nn.MSELoss(reduction="sum"),
-            batches=lambda pass_index: [
-                (x[i : i + 256], y[i : i + 256, None]) for i in range(0, n, 256)
-            ],
+            batches=batches,
             scale=1.0 / n,
             n_rows=n,
         )
@@ -225,3 +318,13 @@ class LinearRegressionTask(Task):
     def describe(self) -> dict:
         """Name and options."""
         return {"name": self.name, **self.options}
+
+
+def _flat(params: Params) -> Tensor:
+    """``θ = [weight, bias]`` as one float64 vector ``(d + 1,)``."""
+    return torch.cat([params["weight"].reshape(-1), params["bias"].reshape(-1)]).double()
+
+
+def _split(theta: Tensor) -> dict[str, Tensor]:
+    """Inverse of :func:`_flat`: ``{"weight": (1, d), "bias": (1,)}``."""
+    return {"weight": theta[:-1].reshape(1, -1), "bias": theta[-1:]}

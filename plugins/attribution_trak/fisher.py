@@ -20,13 +20,21 @@ The task's regulariser is not part of ``F`` (TRAK's empirical Fisher has none).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from attribution_core import ConfigError, Curvature, FitInputs, HessianApproximation, NumericalError
+from attribution_core import (
+    ConfigError,
+    Curvature,
+    FitInputs,
+    GradientStream,
+    HessianApproximation,
+    NumericalError,
+)
 
 DEFAULT_RELATIVE_DAMPING = 0.1
 """``c`` of ``λ = c · tr(F)/k`` (kronfluence's "0.1 × mean eigenvalues" heuristic)."""
@@ -114,26 +122,16 @@ class ProjectedFisher(HessianApproximation):
             ConfigError: ``k×k`` float64 exceeds ``max_memory_mb``.
             NumericalError: ``λ = 0`` and ``F`` singular (``N < k``), or no training gradients.
         """
-        F: Tensor | None = None
-        n = 0
         t0 = time.perf_counter()
         if inputs.train_gradients is None:
             raise NumericalError("projected-fisher: no training gradients to fit on")
         stream = inputs.train_gradients
-        for rows, T in stream.chunks(progress=inputs.progress, desc="fit: train gradients"):
-            T64 = T.double()
-            if F is None:
-                k = T64.shape[1]
-                mb = k * k * 8 / 2**20
-                if mb > self.max_memory_mb:
-                    raise ConfigError(
-                        f"proj_dim: {k} needs a {k}×{k} float64 Fisher, {mb:.0f} MiB > "
-                        f"max_memory_mb={self.max_memory_mb:g}; lower proj_dim or raise "
-                        f"max_memory_mb"
-                    )
-                F = torch.zeros(k, k, dtype=torch.float64, device=T.device)
-            F.addmm_(T64.T, T64)
-            n += rows.stop - rows.start
+        shards = inputs.shards
+        if shards is not None and (shards.count > 1 or shards.distributed):
+            # Σ_shards Φᵀ G_sᵀ G_s Φ in shard order; each shard caches its compressed rows
+            F, n = shards.reduce("fit", FisherRows(stream, self.max_memory_mb), stream.n_rows)
+        else:
+            F, n = FisherRows(stream, self.max_memory_mb, inputs.progress)(None)
         if F is None or n == 0:
             raise NumericalError("projected-fisher: no training gradients to fit on (N = 0)")
         F /= n
@@ -157,3 +155,38 @@ class ProjectedFisher(HessianApproximation):
         curvature = ProjectedFisherCurvature(F, lam, n, facts)
         facts["seconds_cholesky"] = time.perf_counter() - t0
         return curvature
+
+
+@dataclass(frozen=True)
+class FisherRows:
+    """Shard job: ``(Σ_{j∈rows} φ_j φ_jᵀ, |rows|)`` in float64 (``rows`` None: every row).
+
+    Attributes:
+        stream: the compressed training gradients.
+        max_memory_mb: refuse a ``k×k`` float64 matrix larger than this.
+        progress: progress bar (the unsharded pass).
+    """
+
+    stream: GradientStream
+    max_memory_mb: float
+    progress: bool = False
+
+    def __call__(self, rows: slice | None) -> tuple[Tensor | None, int]:
+        stream = self.stream if rows is None else self.stream.restrict(rows)
+        F: Tensor | None = None
+        n = 0
+        for piece, T in stream.chunks(progress=self.progress, desc="fit: train gradients"):
+            T64 = T.double()
+            if F is None:
+                k = T64.shape[1]
+                mb = k * k * 8 / 2**20
+                if mb > self.max_memory_mb:
+                    raise ConfigError(
+                        f"proj_dim: {k} needs a {k}×{k} float64 Fisher, {mb:.0f} MiB > "
+                        f"max_memory_mb={self.max_memory_mb:g}; lower proj_dim or raise "
+                        f"max_memory_mb"
+                    )
+                F = torch.zeros(k, k, dtype=torch.float64, device=T.device)
+            F.addmm_(T64.T, T64)
+            n += piece.stop - piece.start
+        return F, n

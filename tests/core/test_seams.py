@@ -90,11 +90,15 @@ def test_a_restricted_stream_reads_its_rows_from_a_finished_cache(tmp_path):
         model, task.training_loss(), task.train_data(), params, seed=3, cache=cache
     )
     shard = stream.restrict(slice(5, 20))
-    uncached = shard.stack()  # no cache yet: computed, and nothing written for a shard
-    assert not list(tmp_path.rglob("*.npy"))
-    full = stream.stack()  # the whole pass writes the cache
+    uncached = shard.stack()  # no whole-matrix entry yet: the shard writes its own rows' entry
     assert len(list((tmp_path / "gradients").glob("*.npy"))) == 1
+    assert torch.equal(shard.stack(), uncached)  # read back from the shard's entry
+    full = stream.stack()  # the whole pass writes the whole-matrix entry
+    assert len(list((tmp_path / "gradients").glob("*.npy"))) == 2
     assert torch.equal(shard.stack(), full[5:20]) and torch.equal(uncached, full[5:20])
+    other = stream.restrict(slice(10, 30))  # another range reads the whole-matrix entry
+    assert torch.equal(other.stack(), full[10:30])
+    assert len(list((tmp_path / "gradients").glob("*.npy"))) == 2
 
 
 def test_a_built_method_plans_without_computing():

@@ -25,7 +25,14 @@ def test_lds_csv_matches_independent_scipy_spearman(lin_bench, lin_suite) -> Non
         "lds_ci_high",
         "n_queries",
         "seconds",
+        "protocol",
+        "lds_cross_seed",
+        "lds_cross_seed_stderr",
+        "lds_cross_masks",
     ]
+    # issue 17: the protocol is recorded; cross-seed columns are empty where not measured
+    assert set(table["protocol"]) == {"distributional"}
+    assert table[["lds_cross_seed", "lds_cross_seed_stderr", "lds_cross_masks"]].isna().all().all()
     for _, row in table.iterrows():
         pred = np.load(lin_bench / row["label"] / "predictions.npy")
         per_q = [

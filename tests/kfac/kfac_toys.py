@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from attribution_core import CurvatureProblem, Measurement, Task
+from attribution_core import CurvatureProblem, Measurement, Task, row_chunks
 from attribution_core.gradients import select_parameters
 from attribution_core.interfaces import Batch, FitInputs, MethodParts
 
@@ -92,12 +92,16 @@ class ToyTask(Task):
     def curvature_problem(self, model: nn.Module, seed: int, n_samples: int) -> CurvatureProblem:
         x, y = self._data["x"], self._data["y"]
         n, b = x.shape[0], self.batch
+
+        def batches(pass_index: int, rows: slice | None = None):
+            return [(x[r], y[r]) for r in row_chunks(rows, n, b)]  # no noise: any pass
+
         return CurvatureProblem(
             model=model,
             loss_function=nn.MSELoss(reduction="sum")
             if self.loss == "mse"
             else nn.CrossEntropyLoss(reduction="sum"),
-            batches=lambda pass_index: [(x[i : i + b], y[i : i + b]) for i in range(0, n, b)],
+            batches=batches,
             scale=1.0 / n,
             n_rows=n,
         )

@@ -15,7 +15,8 @@
 * End to end through the Hessians: ``tests/kfac/test_kfac_backends.py``.
 
 Tolerance for factors and corrections: relative 1e-12 of the largest entry of curvlinops'
-tensor. Both sides draw identical pseudo-targets (same generator, same order: bit-identical
+tensor. Both sides draw identical pseudo-targets (per loss row, ``attribution_kfac.draws``:
+the adapter installs the same per-row generators into curvlinops' ``draw_label``; bit-identical
 forward outputs) and sum the same float64 products in a different order (Toeplitz blocks vs
 unfolded patches, per-call vs per-layer accumulation), so they differ by round-off,
 ~ n·2⁻⁵³ ≈ 1e-14 relative for the ≤ a few hundred terms here; a wrong scale (1/N, 1/m, √C),
