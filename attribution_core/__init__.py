@@ -94,12 +94,15 @@ from attribution_core.single_model import (
 from attribution_core.sinks import MemmapSink, TopK, TopKSink
 from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
 from attribution_core.training_step import (
+    AdamEpsOption,
     DrawStreams,
     OptimizerConfig,
+    OptimizerOption,
     OptimizerState,
     Params,
     StepBatch,
     TrainingRecipe,
+    WarmupStepsOption,
     init_optimizer_state,
     optimizer_update,
 )
@@ -107,6 +110,7 @@ from attribution_core.training_step import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamEpsOption",
     "AttributionError",
     "AttributionResult",
     "Batch",
@@ -137,6 +141,7 @@ __all__ = [
     "NoCompression",
     "NumericalError",
     "OptimizerConfig",
+    "OptimizerOption",
     "OptimizerState",
     "Params",
     "Phase",
@@ -153,6 +158,7 @@ __all__ = [
     "TopK",
     "TopKSink",
     "TrainingRecipe",
+    "WarmupStepsOption",
     "atomic_save_npy",
     "atomic_write_json",
     "attribute",

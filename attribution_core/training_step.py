@@ -22,13 +22,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 Params = Mapping[str, Tensor]
 """``name -> tensor``: a model's trainable parameters (``model.named_parameters()`` order)."""
+
+
+# ---- recipe options shared by the tasks' option models (one definition, the same docs) -------
+OptimizerOption = Annotated[
+    Literal["adam", "sgd"],
+    Field(description="Training optimiser: adam (torch.optim.Adam) or sgd (plain, no momentum)."),
+]
+"""``optimizer`` option of a task that trains by steps (default ``"adam"``)."""
+AdamEpsOption = Annotated[
+    float, Field(gt=0.0, description="Adam's ε (larger: smoother in the training-data weights).")
+]
+"""``adam_eps`` option (default ``1e-8``, torch's)."""
+WarmupStepsOption = Annotated[
+    int, Field(ge=0, description="Linear learning-rate warm-up over the first steps (0: none).")
+]
+"""``warmup_steps`` option (default ``0``)."""
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from attribution_core import (
+    AdamEpsOption,
     Batch,
     Checkpoint,
     CurvatureProblem,
     DrawStreams,
+    OptimizerOption,
     Params,
     StepBatch,
     Task,
     TrainingRecipe,
+    WarmupStepsOption,
     validate_model,
 )
 from attribution_diffusion import steps, training
@@ -70,16 +73,9 @@ class DataTrainingOptions(BaseModel):
     n_samples: int = Field(
         8, ge=1, description="Default (t, ε) draws per example for measurements."
     )
-    optimizer: Literal["adam", "sgd"] = Field(
-        "adam",
-        description="Training optimiser: adam (torch.optim.Adam) or sgd (plain, no momentum).",
-    )
-    adam_eps: float = Field(
-        1e-8, gt=0.0, description="Adam's ε (larger: smoother in the training-data weights)."
-    )
-    warmup_steps: int = Field(
-        0, ge=0, description="Linear learning-rate warm-up over the first steps (0: none)."
-    )
+    optimizer: OptimizerOption = "adam"
+    adam_eps: AdamEpsOption = 1e-8
+    warmup_steps: WarmupStepsOption = 0
 
     def train_config(self) -> training.TrainConfig:
         """The training hyper-parameters (``Task.train`` and the training-step hook share them)."""

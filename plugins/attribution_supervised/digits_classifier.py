@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import cached_property
-from typing import Literal
 
 import numpy as np
 import torch
@@ -17,16 +16,19 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from attribution_core import (
+    AdamEpsOption,
     Batch,
     Checkpoint,
     CurvatureProblem,
     DrawStreams,
     Measurement,
     OptimizerConfig,
+    OptimizerOption,
     Params,
     StepBatch,
     Task,
     TrainingRecipe,
+    WarmupStepsOption,
     row_chunks,
 )
 from attribution_supervised.measurements import CrossEntropy
@@ -52,16 +54,9 @@ class DigitsClassifierOptions(BaseModel):
     lr: float = Field(1e-2, gt=0.0, description="Adam learning rate.")
     batch_size: int = Field(64, ge=1, description="Minibatch size.")
     l2: float = Field(1e-3, ge=0.0, description="λ of λ‖θ‖² (keeps the Hessian well-posed).")
-    optimizer: Literal["adam", "sgd"] = Field(
-        "adam",
-        description="Training optimiser: adam (torch.optim.Adam) or sgd (plain, no momentum).",
-    )
-    adam_eps: float = Field(
-        1e-8, gt=0.0, description="Adam's ε (larger: smoother in the training-data weights)."
-    )
-    warmup_steps: int = Field(
-        0, ge=0, description="Linear learning-rate warm-up over the first steps (0: none)."
-    )
+    optimizer: OptimizerOption = "adam"
+    adam_eps: AdamEpsOption = 1e-8
+    warmup_steps: WarmupStepsOption = 0
 
     @field_validator("classes")
     @classmethod
