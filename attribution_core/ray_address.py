@@ -134,8 +134,7 @@ def check_ray_address(address: str, *, timeout: float = PROTOCOL_TIMEOUT_S) -> N
     if client and importlib.util.find_spec("grpc") is None:
         raise ConfigError(
             f"executor.address: {address!r} is a Ray Client address, which needs the Ray "
-            "Client: pip install 'ray[client]'; or use the GCS address HEAD_IP:6379 on a node "
-            "of the cluster"
+            f"Client (pip install 'ray[client]'); or {HOW_TO_START}"
         )
     host, port = split_host_port(hostport, address)
     host = _loopback_to_node_ip(host)

@@ -94,3 +94,20 @@ class MatrixStream:
         for start in range(0, n, self.chunk_size):
             rows = slice(start, min(start + self.chunk_size, n))
             yield rows, self.matrix[rows]
+
+
+def linear_module_task(n: int = 20, steps: int = 5) -> Any:
+    """A tiny float64 :class:`~attribution_core.wrap.ModuleTask` (``nn.Linear(3, 1)``, MSE,
+    ``n`` examples, 2 queries): a task *without* the training-step hook, for refusal tests."""
+    from torch import nn
+
+    from attribution_core.wrap import ModuleTask
+
+    X = torch.randn(n, 3, dtype=torch.float64)
+    return ModuleTask(
+        model_fn=lambda seed: nn.Linear(3, 1).double(),
+        train_data={"x": X, "y": X.sum(1)},
+        loss="mse",
+        queries={"x": X[:2], "y": X[:2].sum(1)},
+        steps=steps,
+    )

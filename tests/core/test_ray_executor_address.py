@@ -97,3 +97,17 @@ def test_silent_listener_fails_within_10s():
             check_ray_address(address)
         assert time.monotonic() - start < 10.0
     _assert_helpful(str(err.value), address)
+
+
+def test_client_address_without_the_ray_client_says_how_to_start_a_cluster(monkeypatch):
+    """Plain `ray` (no grpc): a ray:// address is refused with the same advice."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a)
+    )
+    with pytest.raises(ConfigError) as err:
+        check_ray_address("ray://10.255.255.1:10001")
+    _assert_helpful(str(err.value), "ray://10.255.255.1:10001")
+    assert "ray[client]" in str(err.value)

@@ -29,7 +29,7 @@ from attribution_core import (
     single_model_weights,
     train_single_model,
 )
-from attribution_core.wrap import ModuleTask
+from attribution_core.testing import linear_module_task
 
 TINY_DDPM = {"width": 2, "channel_mult": [1], "T": 10, "n_train": 8, "train_steps": 6}
 
@@ -162,12 +162,7 @@ def test_zero_weight_contributes_exactly_zero_and_denominator_stays_b():
 
 
 def test_task_without_hook_is_refused_naming_it():
-    X = torch.randn(10, 3, dtype=torch.float64)
-    task = ModuleTask(
-        model_fn=lambda seed: nn.Linear(3, 1).double(),
-        train_data={"x": X, "y": X.sum(1)},
-        loss="mse",
-    )
+    task = linear_module_task(10)
     with pytest.raises(ConfigError, match=r"training-step hook.*Task\.training_recipe"):
         train_single_model(task, torch.ones(10), 0)
 

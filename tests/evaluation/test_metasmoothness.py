@@ -16,7 +16,6 @@ import math
 import pytest
 import torch
 from attribution_supervised.linear_regression import LinearRegressionTask
-from torch import nn
 
 from attribution_core import ConfigError
 from attribution_core.evaluation.metasmoothness import (
@@ -25,8 +24,7 @@ from attribution_core.evaluation.metasmoothness import (
     pick_pairs,
     smoothness_score,
 )
-from attribution_core.testing import run_cli, write_config
-from attribution_core.wrap import ModuleTask
+from attribution_core.testing import linear_module_task, run_cli, write_config
 
 LINEAR_GD = {"name": "linear-regression", "n_train": 25, "dim": 3, "solver": "gd", "steps": 15}
 CONFIG = {
@@ -89,12 +87,7 @@ def test_command_writes_json_and_fd_converges_to_reverse_mode(tmp_path):
 
 
 def test_task_without_hook_is_refused_naming_it():
-    X = torch.randn(10, 3, dtype=torch.float64)
-    task = ModuleTask(
-        model_fn=lambda seed: nn.Linear(3, 1).double(),
-        train_data={"x": X, "y": X.sum(1)},
-        loss="mse",
-    )
+    task = linear_module_task(10)
     config = {k: v for k, v in CONFIG.items() if k != "task"}
     with pytest.raises(ConfigError, match=r"metasmoothness.*training-step hook.*training_recipe"):
         metasmoothness(config, task=task)

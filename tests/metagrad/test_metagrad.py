@@ -18,7 +18,6 @@ from attribution_diffusion import DDPMDigitsTask
 from attribution_metagrad.replay import ReplayPlan, weight_gradients
 from attribution_metagrad.scorer import query_gradient_fn
 from attribution_supervised.digits_classifier import DigitsClassifierTask
-from torch import nn
 from torch.func import functional_call
 
 from attribution_core import (
@@ -32,8 +31,7 @@ from attribution_core import (
     train_single_model,
     unroll_training,
 )
-from attribution_core.testing import allclose_report, run_attribute
-from attribution_core.wrap import ModuleTask
+from attribution_core.testing import allclose_report, linear_module_task, run_attribute
 
 LINEAR_GD = {"name": "linear-regression", "n_train": 25, "dim": 3, "solver": "gd", "steps": 15}
 TINY_DDPM = {"width": 2, "channel_mult": [1], "T": 10, "n_train": 6, "train_steps": 5}
@@ -149,14 +147,7 @@ def test_central_differences_agree_under_sgd():
 
 
 def test_task_without_hook_is_refused_naming_it():
-    X = torch.randn(20, 3, dtype=torch.float64)
-    task = ModuleTask(
-        model_fn=lambda seed: nn.Linear(3, 1).double(),
-        train_data={"x": X, "y": X.sum(1)},
-        loss="mse",
-        queries={"x": X[:2], "y": X[:2].sum(1)},
-        steps=5,
-    )
+    task = linear_module_task(20)
     config = {"dtype": "float64", "queries": {"count": 2}, "methods": ["metagradient"]}
     with pytest.raises(ConfigError, match=r"training-step hook \(Task\.training_recipe"):
         attribute(config, task=task)

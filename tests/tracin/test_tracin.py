@@ -7,11 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from attribution_core import ConfigError, attribute, per_example_gradients, select_parameters
-from attribution_core.testing import allclose_report, run_attribute
-from attribution_core.wrap import ModuleTask
+from attribution_core.testing import allclose_report, linear_module_task, run_attribute
 
 LINEAR_GD = {
     "name": "linear-regression",
@@ -114,14 +112,7 @@ def test_checkpoint_cache_reused(tmp_path):
 
 
 def test_task_without_hook_is_refused_naming_the_hook():
-    X = torch.randn(20, 3, dtype=torch.float64)
-    task = ModuleTask(
-        model_fn=lambda seed: nn.Linear(3, 1).double(),
-        train_data={"x": X, "y": X.sum(1)},
-        loss="mse",
-        queries={"x": X[:2], "y": X[:2].sum(1)},
-        steps=5,
-    )
+    task = linear_module_task(20)
     with pytest.raises(ConfigError, match=r"does not implement the Task\.checkpoints hook"):
         attribute({"dtype": "float64", "queries": {"count": 2}, "methods": ["tracin"]}, task=task)
 
