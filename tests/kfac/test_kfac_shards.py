@@ -105,6 +105,24 @@ def _bases(A: dict, G: dict) -> tuple[dict, dict]:
     return QA, QG
 
 
+def _assert_four_shards_sum_to_one_pass(problem, layers, options, job, same_keys=False):
+    """A/G of 4 shards (and EK-FAC's correction in the one-pass eigenbases) equal one pass."""
+    one = job.passes().kronecker_sums(DataPass.of(problem, 0))
+    four = _runner(4).reduce("kfac-factors", job, problem.n_examples)
+    for which, ref in zip("AG", one, strict=True):
+        if same_keys:
+            assert set(four[which]) == set(ref)
+        for name, want in ref.items():
+            _close(four[which][name], want, f"{which} of {name}")
+    QA, QG = _bases(*one)
+    corr = CorrectionShard.of(problem, layers, options, SEED, QA=QA, QG=QG)
+    want = corr.passes().eigenvalue_correction(DataPass.of(problem, 1), QA, QG)
+    got = _runner(4).reduce("ekfac-correction", corr, problem.n_examples)
+    for name, parts in want.items():
+        for part, value in parts.items():
+            _close(got[name][part], value, f"E of {name}.{part}")
+
+
 # ---- rows ----------------------------------------------------------------------------------------
 def test_ddpm_rows_are_seeded_per_example(ddpm64):
     task, model = ddpm64
@@ -147,19 +165,7 @@ def test_four_shards_sum_to_one_pass(dtype, fisher, mc):
     model = task.build_model(0)
     options = KFACOptions(fisher=fisher, mc_samples=mc)
     problem, layers, job = _jobs(task, model, options)
-    one = job.passes().kronecker_sums(DataPass.of(problem, 0))
-    four = _runner(4).reduce("kfac-factors", job, problem.n_examples)
-    for which, ref in zip("AG", one, strict=True):
-        assert set(four[which]) == set(ref)
-        for name, want in ref.items():
-            _close(four[which][name], want, f"{which} of {name}")
-    QA, QG = _bases(*one)
-    corr = CorrectionShard.of(problem, layers, options, SEED, QA=QA, QG=QG)
-    want = corr.passes().eigenvalue_correction(DataPass.of(problem, 1), QA, QG)
-    got = _runner(4).reduce("ekfac-correction", corr, problem.n_examples)
-    for name, parts in want.items():
-        for part, value in parts.items():
-            _close(got[name][part], value, f"E of {name}.{part}")
+    _assert_four_shards_sum_to_one_pass(problem, layers, options, job, same_keys=True)
 
 
 def test_ddpm_four_shards_sum_to_one_pass(ddpm64):
@@ -167,18 +173,7 @@ def test_ddpm_four_shards_sum_to_one_pass(ddpm64):
     task, model = ddpm64
     options = KFACOptions(fisher="mc", mc_samples=2)
     problem, layers, job = _jobs(task, model, options)
-    one = job.passes().kronecker_sums(DataPass.of(problem, 0))
-    four = _runner(4).reduce("kfac-factors", job, problem.n_examples)
-    for which, ref in zip("AG", one, strict=True):
-        for name, want in ref.items():
-            _close(four[which][name], want, f"{which} of {name}")
-    QA, QG = _bases(*one)
-    corr = CorrectionShard.of(problem, layers, options, SEED, QA=QA, QG=QG)
-    want = corr.passes().eigenvalue_correction(DataPass.of(problem, 1), QA, QG)
-    got = _runner(4).reduce("ekfac-correction", corr, problem.n_examples)
-    for name, parts in want.items():
-        for part, value in parts.items():
-            _close(got[name][part], value, f"E of {name}.{part}")
+    _assert_four_shards_sum_to_one_pass(problem, layers, options, job)
 
 
 @pytest.mark.parametrize("cls", [KFACHessian, EKFACHessian])
