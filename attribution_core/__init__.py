@@ -17,7 +17,8 @@ the first-party plugins). Groups:
 * gradients — ``select_parameters``, ``layout_of``, ``example_noise``, ``example_generator``,
   ``row_chunks``,
   ``per_example_gradients``, ``GradientStream``, ``gradient_chunks``, ``stack_gradients``,
-  ``GradientCache``, ``cache_key``, ``model_fingerprint``;
+  ``GradientCache``, ``cache_key``, ``model_fingerprint``, ``data_fingerprint``;
+* progress — ``progress_bar`` (rich, stderr; free when disabled);
 * sharding — ``ShardRunner`` (``FitInputs.shards`` / ``ScoringContext.shards``: per-shard jobs
   on the executor, fixed-order sums, resume), ``shard_ranges``, ``tree_add``,
   ``score_training_pass``;
@@ -47,7 +48,12 @@ from attribution_core.errors import (
     JobFailedError,
     NumericalError,
 )
-from attribution_core.gradient_cache import GradientCache, cache_key, model_fingerprint
+from attribution_core.gradient_cache import (
+    GradientCache,
+    cache_key,
+    data_fingerprint,
+    model_fingerprint,
+)
 from attribution_core.gradients import GradientStream, gradient_chunks, stack_gradients
 from attribution_core.hookspecs import hookimpl
 from attribution_core.interfaces import (
@@ -78,6 +84,7 @@ from attribution_core.per_example import (
     select_parameters,
 )
 from attribution_core.pipeline import AttributionResult, Resolved, attribute, resolve
+from attribution_core.progress import progress_bar
 from attribution_core.registry import Component, Registry, get_registry
 from attribution_core.score_pass import score_training_pass
 from attribution_core.shards import ShardRunner, shard_ranges, tree_add
@@ -165,6 +172,7 @@ __all__ = [
     "batch_size",
     "build_method",
     "cache_key",
+    "data_fingerprint",
     "example_generator",
     "example_noise",
     "final_parameters",
@@ -180,6 +188,7 @@ __all__ = [
     "model_fingerprint",
     "optimizer_update",
     "per_example_gradients",
+    "progress_bar",
     "require_training_steps",
     "resolve",
     "resolve_method",

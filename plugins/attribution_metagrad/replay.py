@@ -33,6 +33,7 @@ from attribution_core import (
     Task,
     final_parameters,
     initial_training_state,
+    progress_bar,
     unroll_training,
 )
 
@@ -100,6 +101,7 @@ def weight_gradients(
     plan: ReplayPlan,
     *,
     check_final: Callable[[dict[str, Tensor]], None] | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """``(N, Q)``: ``∂m_q(θ_T(w))/∂w_j`` at ``weights`` (see module docstring).
 
@@ -112,6 +114,7 @@ def weight_gradients(
         plan: ``T``, checkpoint spacing and query block size.
         check_final: called with the final (measured) parameters after the forward pass and
             before any differentiation (the scorer refuses a model that is not this run's).
+        progress: show a bar over the ``T`` reverse steps (stderr).
     """
     kept, final = forward_checkpoints(task, seed, weights, plan, initial_training_state(task, seed))
     if check_final is not None:
@@ -128,23 +131,40 @@ def weight_gradients(
         )
         for rows in blocks
     ]
-    for first in reversed(plan.starts):
-        last = min(first + plan.every, plan.steps)
-        inputs = _segment_inputs(task, seed, weights, kept[first], first, last)
-        for step in range(last, first, -1):
-            batch = task.draw_stream(seed, step)
-            params, state = inputs[step - first - 1]
-
-            def one_step(p, tree, w, step=step, batch=batch):
-                new_p, new_s = task.train_step(p, OptimizerState.from_tree(tree), step, batch, w)
-                return new_p, new_s.tree()
-
-            _, pullback = vjp(one_step, params, state.tree(), weights)
-            for b, adjoint in enumerate(adjoints):
-                d_params, d_tree, d_w = vmap(pullback)(adjoint)
-                adjoints[b] = (d_params, d_tree)
-                grads_w[b] += d_w
+    with progress_bar(plan.steps, "metagradient (reverse steps)", progress) as bar:
+        for first in reversed(plan.starts):
+            last = min(first + plan.every, plan.steps)
+            inputs = _segment_inputs(task, seed, weights, kept[first], first, last)
+            for step in range(last, first, -1):
+                _reverse_step(
+                    task, seed, step, inputs[step - first - 1], weights, adjoints, grads_w
+                )
+                bar.advance()
     return torch.cat(grads_w).T
+
+
+def _reverse_step(
+    task: Task,
+    seed: int,
+    step: int,
+    before: State,
+    weights: Tensor,
+    adjoints: list[tuple],
+    grads_w: list[Tensor],
+) -> None:
+    """Pull every block's adjoint back through ``step`` (in place), adding ``∂/∂w``."""
+    batch = task.draw_stream(seed, step)
+    params, state = before
+
+    def one_step(p, tree, w):
+        new_p, new_s = task.train_step(p, OptimizerState.from_tree(tree), step, batch, w)
+        return new_p, new_s.tree()
+
+    _, pullback = vjp(one_step, params, state.tree(), weights)
+    for b, adjoint in enumerate(adjoints):
+        d_params, d_tree, d_w = vmap(pullback)(adjoint)
+        adjoints[b] = (d_params, d_tree)
+        grads_w[b] += d_w
 
 
 def _segment_inputs(
