@@ -74,9 +74,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         return out
 
     plan = ReplayPlan(spec["steps"], every, qb)
-    probe = query_residual_bytes(
-        model, measurement, queries, noise, slice(0, min(query_chunk(measurement), n_query))
-    )
+    first = slice(0, min(query_chunk(measurement), qb, n_query))
+    probe = query_residual_bytes(model, measurement, queries, noise, first)
     estimate = estimate_memory(task, 0, ones, (plan.states_held(), n_query, qb), probe)
     with RSSSampler() as rss:
         time.sleep(0.05)
@@ -108,6 +107,41 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def estimates(spec: dict[str, Any]) -> dict[str, float]:
+    """The scorer's memory estimate for a row, recomputed with the current model of it.
+
+    Residual sizes depend only on shapes, so an untrained model and random queries of the
+    queries' shape give the same probe as the row's own (seconds instead of a training run).
+    """
+    from attribution_diffusion import DDPMDigitsTask
+    from attribution_metagrad.budget import estimate_memory, query_residual_bytes
+    from attribution_metagrad.replay import ReplayPlan
+    from attribution_metagrad.scorer import query_chunk
+
+    from attribution_core import example_noise
+
+    torch.set_num_threads(1)
+    task = DDPMDigitsTask(
+        dtype=torch.float32, **{**RECIPE, "width": spec["width"], "train_steps": spec["steps"]}
+    )
+    n_query, qb = spec["queries"], spec["query_batch"]
+    model = task.build_model(0).eval()
+    queries = {"x": torch.randn(n_query, *task.train_data()["x"].shape[1:])}
+    measurement = task.training_loss(n_samples=spec["draws"])
+    noise = example_noise(measurement, queries, 0, "query", 0)
+    first = slice(0, min(query_chunk(measurement), qb, n_query))
+    probe = query_residual_bytes(model, measurement, queries, noise, first)
+    plan = ReplayPlan(spec["steps"], spec["every"], qb)
+    ones = torch.ones(task.n_train, dtype=task.dtype)
+    parts = estimate_memory(task, 0, ones, (plan.states_held(), n_query, qb), probe).describe()
+    reverse = parts["states_gib"] + parts["adjoints_gib"] + parts["step_gib"]
+    return {
+        "estimate_mib": parts["total_gib"] * 1024,
+        "estimate_query_mib": parts["query_gradients_gib"] * 1024,
+        "estimate_reverse_mib": (reverse + parts["runtime_gib"]) * 1024,
+    }
+
+
 def rows(quick: bool) -> list[dict[str, Any]]:
     """The measured grid: cost vs query_batch (Q = 32), then memory vs k and growth with T and
     width at Q = 8 (against the ``Q=8`` row)."""
@@ -131,10 +165,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny grid (a smoke test)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    ap.add_argument(
+        "--estimates-only",
+        type=Path,
+        default=None,
+        help="recompute the estimate columns of a written JSON (after a change to the model)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.estimates_only:
+        done = json.loads(args.estimates_only.read_text())
+        done = [{**row, **estimates(row)} for row in done]
+        args.estimates_only.write_text(json.dumps(done, indent=1))
+        report(done)
         return
     print(header("metagradient cost and memory (ddpm-digits, digits-2 single-model recipe)"))
     done = []
@@ -151,6 +197,11 @@ def main() -> None:
         print(json.dumps(done[-1]), flush=True)
         if args.out:
             args.out.write_text(json.dumps(done, indent=1))
+    report(done)
+
+
+def report(done: list[dict[str, Any]]) -> None:
+    """The two markdown tables: cost, then memory by phase."""
     cols = ["study", "width", "params", "steps", "queries", "query_batch", "every", "train_s"]
     cols += ["pass_s", "query_grad_s", "per_query_x", "per_query_x_cpu", "peak_mib"]
     print(table(done, [*cols, "estimate_mib"]))

@@ -11,6 +11,7 @@ A reverse pass (:func:`attribution_metagrad.replay.weight_gradients`) holds, at 
   ``query_batch``-wide temporaries of the vmapped pullback — modelled as ``(1 + Q_b)`` times
   the residuals;
 * the ``(N, Q)`` weight gradients and the ``(N, Q)`` scores (float64 accounting);
+* a fixed ``RUNTIME_OVERHEAD`` (what the parts do not model);
 * before the reverse walk, instead of the step part: the query gradients of one sub-block
   (``QUERY_BACKWARD_FACTOR`` × the residuals of the measurement's forward on the sub-block's
   queries with all their draws), whichever is larger.
@@ -42,6 +43,10 @@ from attribution_core import (
 )
 
 GIB = 1024**3
+RUNTIME_OVERHEAD = 512 * 2**20
+"""Bytes added to every estimate for what the parts do not model (allocator caching of the
+forward passes' activations, vmap temporaries, the runtime): with it the estimate was 1.3–2×
+the measured peak resident memory on every row of ``benchmarks/perf/metagradient.py``."""
 QUERY_BACKWARD_FACTOR = 4
 """Peak of a query sub-block's ``vmap(grad)`` over the residuals its forward saves: measured
 3.5× on the digits U-Net (32 queries × 256 draws: 6.08 GB peak over 1.72 GB residuals; the
@@ -76,7 +81,7 @@ class MemoryEstimate:
         """Estimated peak bytes of the pass (on top of the process's baseline)."""
         states = self.state_bytes * (self.states_held + self.n_query)
         step = self.step_bytes * (1 + self.query_batch)
-        return states + max(step, self.query_bytes) + self.score_bytes
+        return states + max(step, self.query_bytes) + self.score_bytes + RUNTIME_OVERHEAD
 
     def describe(self) -> dict[str, float]:
         """The parts in GiB, for the manifest and error messages."""
@@ -87,6 +92,7 @@ class MemoryEstimate:
             "step_gib": self.step_bytes * (1 + self.query_batch) / GIB,
             "query_gradients_gib": self.query_bytes / GIB,
             "scores_gib": self.score_bytes / GIB,
+            "runtime_gib": RUNTIME_OVERHEAD / GIB,
         }
 
 

@@ -147,7 +147,7 @@ class MetagradientScorer(Scorer):
         seed, plan, measurement, noise = how
         n_query = batch_size(queries)
         weights = torch.ones(task.n_train, dtype=task.dtype, device=task.device)
-        first = slice(0, min(query_chunk(measurement), n_query))
+        first = slice(0, min(query_chunk(measurement), plan.query_batch, n_query))
         probe = query_residual_bytes(model, measurement, queries, noise, first)
         estimate = estimate_memory(
             task, seed, weights, (plan.states_held(), n_query, plan.query_batch), probe
