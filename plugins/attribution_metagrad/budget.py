@@ -45,7 +45,7 @@ from attribution_core import (
 GIB = 1024**3
 RUNTIME_OVERHEAD = 512 * 2**20
 """Bytes added to every estimate for what the parts do not model (allocator caching of the
-forward passes' activations, vmap temporaries, the runtime): with it the estimate was 1.3–2×
+forward passes' activations, vmap temporaries, the runtime): with it the estimate was 1.25–2.1×
 the measured peak resident memory on every row of ``benchmarks/perf/metagradient.py``."""
 QUERY_BACKWARD_FACTOR = 4
 """Peak of a query sub-block's ``vmap(grad)`` over the residuals its forward saves: measured
