@@ -17,6 +17,18 @@ from attribution_core.config import MethodConfig
 from attribution_core.methods import resolve_method
 from attribution_core.registry import Registry, get_registry
 
+LINEAR_GD_TASK = {
+    "name": "linear-regression",
+    "n_train": 25,
+    "dim": 3,
+    "solver": "gd",
+    "steps": 15,
+}
+"""``linear-regression`` trained by 15 steps of gradient descent: replayable in milliseconds."""
+
+TINY_DDPM_OPTIONS = {"width": 2, "channel_mult": [1], "T": 10, "n_train": 6, "train_steps": 5}
+"""``ddpm-digits`` options of a DDPM that trains in milliseconds (exactness tests)."""
+
 
 def make_registry(*plugins: Any, entry_points: bool = True) -> Registry:
     """A fresh registry with ``plugins`` registered explicitly (plus entry points if asked)."""

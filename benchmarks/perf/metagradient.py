@@ -47,9 +47,8 @@ RECIPE = {
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One row: train once, then one metagradient pass, in this process."""
     from attribution_diffusion import DDPMDigitsTask
-    from attribution_metagrad.budget import estimate_memory, query_residual_bytes
     from attribution_metagrad.replay import ReplayPlan, weight_gradients
-    from attribution_metagrad.scorer import query_chunk, query_gradient_fn
+    from attribution_metagrad.scorer import query_gradient_fn
 
     from attribution_core import example_noise, train_single_model
 
@@ -74,9 +73,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         return out
 
     plan = ReplayPlan(spec["steps"], every, qb)
-    first = slice(0, min(query_chunk(measurement), qb, n_query))
-    probe = query_residual_bytes(model, measurement, queries, noise, first)
-    estimate = estimate_memory(task, 0, ones, (plan.states_held(), n_query, qb), probe)
     with RSSSampler() as rss:
         time.sleep(0.05)
         base = rss.peak(0.0, time.perf_counter())
@@ -88,7 +84,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         peak_query = max(rss.peak(a, b) for a, b in spans)
         peak_reverse = rss.peak(spans[-1][1], t2)
     n_params = sum(p.numel() for p in model.parameters())
-    parts = estimate.describe()
     return {
         **spec,
         "params": n_params,
@@ -98,12 +93,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "per_query_x": pass_s / n_query / train_s,
         "per_query_x_cpu": pass_cpu / n_query / train_cpu,
         "peak_mib": peak - base,
-        "estimate_mib": estimate.total / 2**20,
         "peak_query_mib": peak_query - base,
-        "estimate_query_mib": parts["query_gradients_gib"] * 1024,
         "peak_reverse_mib": peak_reverse - base,
-        "estimate_reverse_mib": (parts["states_gib"] + parts["adjoints_gib"] + parts["step_gib"])
-        * 1024,
+        **estimates(spec),
     }
 
 

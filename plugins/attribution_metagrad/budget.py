@@ -126,9 +126,10 @@ def saved_bytes(fn: Callable[[], object]) -> int:
     return sum(seen.values())
 
 
-def step_residual_bytes(task: Task, seed: int, weights: Tensor) -> int:
-    """Residual bytes of one training step's differentiable graph (step 1 of ``seed``)."""
-    params, state = initial_training_state(task, seed)
+def step_residual_bytes(task: Task, seed: int, weights: Tensor, start: tuple) -> int:
+    """Residual bytes of one training step's differentiable graph (step 1 of ``seed``, from
+    ``start = initial_training_state(task, seed)``)."""
+    params, state = start
     leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     w = weights.detach().clone().requires_grad_()
     return saved_bytes(lambda: task.train_step(leaves, state, 1, task.draw_stream(seed, 1), w))
@@ -163,12 +164,13 @@ def estimate_memory(
             multiplied by ``QUERY_BACKWARD_FACTOR`` here.
     """
     states_held, n_query, query_batch = plan
-    params, state = initial_training_state(task, seed)
+    start = initial_training_state(task, seed)
+    params, state = start
     return MemoryEstimate(
         state_bytes=_tree_bytes(params, state.exp_avg, state.exp_avg_sq, state.ema),
         states_held=states_held,
         n_query=n_query,
-        step_bytes=step_residual_bytes(task, seed, weights),
+        step_bytes=step_residual_bytes(task, seed, weights, start),
         query_batch=min(query_batch, n_query),
         score_bytes=2 * weights.shape[0] * n_query * 8,
         query_bytes=QUERY_BACKWARD_FACTOR * query_bytes,

@@ -24,9 +24,9 @@ from attribution_core.evaluation.metasmoothness import (
     pick_pairs,
     smoothness_score,
 )
-from attribution_core.testing import linear_module_task, run_cli, write_config
+from attribution_core.testing import LINEAR_GD_TASK, linear_module_task, run_cli, write_config
 
-LINEAR_GD = {"name": "linear-regression", "n_train": 25, "dim": 3, "solver": "gd", "steps": 15}
+LINEAR_GD = LINEAR_GD_TASK
 CONFIG = {
     "task": LINEAR_GD,
     "dtype": "float64",

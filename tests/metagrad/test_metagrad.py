@@ -31,10 +31,16 @@ from attribution_core import (
     train_single_model,
     unroll_training,
 )
-from attribution_core.testing import allclose_report, linear_module_task, run_attribute
+from attribution_core.testing import (
+    LINEAR_GD_TASK,
+    TINY_DDPM_OPTIONS,
+    allclose_report,
+    linear_module_task,
+    run_attribute,
+)
 
-LINEAR_GD = {"name": "linear-regression", "n_train": 25, "dim": 3, "solver": "gd", "steps": 15}
-TINY_DDPM = {"width": 2, "channel_mult": [1], "T": 10, "n_train": 6, "train_steps": 5}
+LINEAR_GD = LINEAR_GD_TASK
+TINY_DDPM = TINY_DDPM_OPTIONS
 
 
 class SGDDigits(DigitsClassifierTask):

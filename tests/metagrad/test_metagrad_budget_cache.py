@@ -25,10 +25,10 @@ from attribution_metagrad.budget import (
 )
 
 from attribution_core import ConfigError, attribute, initial_training_state
-from attribution_core.testing import run_attribute
+from attribution_core.testing import LINEAR_GD_TASK, TINY_DDPM_OPTIONS, run_attribute
 
-LINEAR_GD = {"name": "linear-regression", "n_train": 25, "dim": 3, "solver": "gd", "steps": 15}
-TINY_DDPM = {"width": 2, "channel_mult": [1], "T": 10, "n_train": 6, "train_steps": 5}
+LINEAR_GD = LINEAR_GD_TASK
+TINY_DDPM = TINY_DDPM_OPTIONS
 
 
 def _tiny_ddpm() -> DDPMDigitsTask:
