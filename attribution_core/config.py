@@ -8,12 +8,16 @@ is resolved (:func:`attribution_core.pipeline.resolve`) — still before any wor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from attribution_core.config_validation import (  # re-exported: the public name stays here too
+    format_validation_error as format_validation_error,
+)
+from attribution_core.config_validation import validate_model
 from attribution_core.errors import ConfigError, DataError
 from attribution_core.overrides import apply_override, parse_override
 
@@ -319,77 +323,6 @@ def label_of(entry: str | MethodConfig) -> str:
 def as_measurement(ref: str | MeasurementConfig) -> MeasurementConfig:
     """Normalise ``"loss"`` / ``{name: ...}`` to a :class:`MeasurementConfig`."""
     return MeasurementConfig(name=ref) if isinstance(ref, str) else ref
-
-
-# ---- errors ------------------------------------------------------------------------------------
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("str", "MethodConfig", "MeasurementConfig", "ComponentConfig") or "[" in str(
-            part
-        ):
-            continue  # union-branch tags from pydantic
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(root)"
-
-
-def format_validation_error(exc: ValidationError, where: str = "") -> str:
-    """One line per problem: ``key.path: message (got value)``."""
-    lines = []
-    seen = set()
-    for err in exc.errors():
-        path = _loc(err["loc"])
-        if where:
-            path = f"{where}.{path}" if path != "(root)" else where
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        key = (path, msg)
-        if key in seen:
-            continue
-        seen.add(key)
-        got = err.get("input")
-        got_s = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
-        lines.append(f"{path}: {msg}{got_s}")
-    return "; ".join(lines)
-
-
-def _submodel(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
-    """The (nested) model class that owns the last key of ``loc``."""
-    current = model
-    for part in loc[:-1]:
-        if not isinstance(part, str) or part not in current.model_fields:
-            continue
-        found = _find_model(current.model_fields[part].annotation)
-        if found is None:
-            break
-        current = found
-    return current
-
-
-def _find_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        if (found := _find_model(arg)) is not None:
-            return found
-    return None
-
-
-def validate_model(model: type[BaseModel], data: dict[str, Any], *, where: str = "") -> BaseModel:
-    """``model.model_validate(data)`` with a :class:`ConfigError` naming key paths and choices."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        msg = format_validation_error(exc, where)
-        extra = [e for e in exc.errors() if e["type"] == "extra_forbidden"]
-        if extra:
-            owner = _submodel(model, extra[0]["loc"])
-            msg += f" — valid keys: {', '.join(sorted(owner.model_fields))}"
-        raise ConfigError(msg) from None
 
 
 # ---- loading and overrides ----------------------------------------------------------------------

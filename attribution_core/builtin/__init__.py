@@ -27,9 +27,8 @@ from attribution_core.methods import MethodPreset
 from attribution_core.registry import Component
 
 
-@hookimpl
-def attribution_register_components() -> list[Component]:
-    """Identity/dense Hessians, none/int8 compressors, influence/similarity scorers, presets."""
+def _curvature_and_compression() -> list[Component]:
+    """Hessians (identity, dense) and compressors (none, int8)."""
     return [
         Component(
             "hessian",
@@ -52,6 +51,12 @@ def attribution_register_components() -> list[Component]:
             Int8Compression,
             "Symmetric absmax int8 per (row, parameter tensor), dequantised.",
         ),
+    ]
+
+
+def _scoring() -> list[Component]:
+    """Scorers (influence, gradient similarity) and the training-loss measurement."""
+    return [
         Component(
             "scorer",
             "influence",
@@ -73,6 +78,12 @@ def attribution_register_components() -> list[Component]:
             "The task's training loss ℓ(θ, x) (target and default train_function).",
             TrainingLossOptions,
         ),
+    ]
+
+
+def _executors() -> list[Component]:
+    """Where jobs run: in this process, or as Ray tasks."""
+    return [
         Component(
             "executor",
             "local",
@@ -87,6 +98,12 @@ def attribution_register_components() -> list[Component]:
             "Run jobs as Ray tasks (local instance or cluster address).",
             RayOptions,
         ),
+    ]
+
+
+def _method_presets() -> list[Component]:
+    """Method presets built from the components above."""
+    return [
         Component(
             "method",
             "grad-dot",
@@ -112,3 +129,9 @@ def attribution_register_components() -> list[Component]:
             "Reference: exact dense Hessian/GGN influence (tiny models).",
         ),
     ]
+
+
+@hookimpl
+def attribution_register_components() -> list[Component]:
+    """Identity/dense Hessians, none/int8 compressors, influence/similarity scorers, presets."""
+    return [*_curvature_and_compression(), *_scoring(), *_executors(), *_method_presets()]

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from attribution_core.builtin.executors import make_executor
 from attribution_core.config import (
@@ -37,7 +37,17 @@ from attribution_core.config import (
 )
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation import regenerate as R
-from attribution_core.evaluation.bench import prepare, scorer_of
+from attribution_core.evaluation.bench import prepare
+from attribution_core.evaluation.counterfactual_plan import (
+    CF_COLUMNS,
+    REGEN_COLUMNS,
+    SINGLE_COLUMNS,
+    CounterfactualSetup,
+    RemovalPlan,
+    plan_removals,
+    predicted_changes,
+    table_rows,
+)
 from attribution_core.evaluation.runs import (
     Job,
     Run,
@@ -47,7 +57,6 @@ from attribution_core.evaluation.runs import (
     target_id,
 )
 from attribution_core.evaluation.single import SINGLE
-from attribution_core.evaluation.suite import TRUTH_SEED
 from attribution_core.interfaces import index_batch
 from attribution_core.locking import command_locks
 from attribution_core.outputs import require_full_scores
@@ -55,30 +64,6 @@ from attribution_core.pipeline import attribute, build_task, resolve
 from attribution_core.report.render import write_report
 from attribution_core.single_model import require_training_steps
 from attribution_core.storage import atomic_save_npy, atomic_to_csv, atomic_write_json
-
-CF_COLUMNS = [
-    "label",
-    "method",
-    "target",
-    "query",
-    "removed",
-    "change_mean",
-    "change_stderr",
-    "random_mean",
-    "random_stderr",
-    "top_minus_random",
-    "n_seeds",
-]
-REGEN_COLUMNS = [
-    "regen_top_mean",
-    "regen_top_stderr",
-    "regen_random_mean",
-    "regen_random_stderr",
-    "regen_full_mean",
-    "regen_full_stderr",
-]
-"""Pixel distance of the regenerated query (``regenerate: true``): after top removal, after
-random removal, and for the full-data models (the seed-noise baseline)."""
 
 
 def _same_steps(cfg: RunConfig, registry: Any) -> tuple[RunConfig, bool]:
@@ -100,12 +85,6 @@ def _same_steps(cfg: RunConfig, registry: Any) -> tuple[RunConfig, bool]:
     return load_config(data), True
 
 
-SINGLE_COLUMNS = ["protocol", "predicted_change"]
-"""Added under the single-model protocol: every change is deterministic (one retraining with the
-base model's seed, stderr 0) and ``predicted_change`` is the method's own first-order prediction
-of the top removal (``predict_subsets``, with the factor ``1 − removed_weight``)."""
-
-
 def _protocol(cfg: RunConfig, suite: Any) -> tuple[str, float]:
     """``(protocol, removed weight)`` of the retrainings: the suite's when one is given, else the
     config's ``evaluation.lds``; distributional retrainings always remove (weight 0)."""
@@ -117,44 +96,140 @@ def _protocol(cfg: RunConfig, suite: Any) -> tuple[str, float]:
     return protocol, (r if protocol == SINGLE else 0.0)
 
 
-def _predicted(
-    result: Any, resolved: Any, top: dict[str, list[tuple[int, ...]]], n: int, r: float
-) -> dict[str, np.ndarray]:
-    """Each method's predicted change for its own top removal of each query, ``(nq,)``."""
-    out = {}
-    for i, m in enumerate(resolved.methods):
-        scorer = scorer_of(result, m, resolved.registry, result.task, i)
-        scores = torch.from_numpy(np.array(result.scores[m.label], dtype=np.float64))
-        masks = torch.ones(len(top[m.label]), n, dtype=torch.bool)
-        for q, removed in enumerate(top[m.label]):
-            masks[q, list(removed)] = False
-        pred = scorer.predict_subsets(masks, scores, **({"removed_weight": r} if r else {}))
-        out[m.label] = pred.diagonal().detach().cpu().numpy()
-    return out
-
-
 def _file_id(run: Run, context: list[Any]) -> str:
     """``<name>-<digest>``: the run's name plus a digest of what defines its result."""
     key = json.dumps([context, list(run.removed), run.seed], sort_keys=True, default=str)
     return f"{run.run_id}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+@dataclass(frozen=True)
+class _Retrained:
+    """The finished runs of a :class:`RemovalPlan`.
+
+    Attributes:
+        store: the run files under ``counterfactual/runs``.
+        file_of: run name -> stored run id (``<name>-<digest>``, :func:`_file_id`).
+        results: run name -> stored result ``(rows, 2, nq)``: row 0 the target, row 1 the pixel
+            distance (``regenerate`` only); value and Monte-Carlo s.e.; per query.
+    """
+
+    store: RunStore
+    file_of: dict[str, str]
+    results: dict[str, np.ndarray]
+
+
+def _generation(cfg: RunConfig, suite: Any) -> tuple[int, int]:
+    """``(count, seed)`` of the queries' generation: the suite's when one is given, else the
+    config's (a ConfigError if the queries were not generated)."""
+    if suite is not None:
+        return R.generation_of(suite.meta["config"]["queries"], f"suite {str(suite.path)!r}")
+    return R.generation_of(cfg.queries.model_dump(), "the config")
+
+
+def _settle(cfg: RunConfig, out: Path) -> CounterfactualSetup:
+    """Resolve the methods and check every precondition, before any work.
+
+    Raises:
+        ConfigError: only oracle methods, ``regenerate`` with queries that were not generated,
+            or the single-model protocol with a task that has no training-step hook.
+    """
+    cf = cfg.evaluation.counterfactual or CounterfactualConfig()
+    suite, task = None, None
+    if cfg.evaluation.suite:
+        suite, _, resolved, task = prepare(cfg, out)
+    else:
+        resolved = resolve(cfg)
+    protocol, removed_weight = _protocol(cfg, suite)
+    if protocol == SINGLE:  # the training-step hook, before any work
+        task = task if task is not None else build_task(resolved)
+        require_training_steps(task, "counterfactual with protocol: single-model")
+    # (count, seed) of the queries' generation, before any work
+    generation = _generation(cfg, suite) if cf.regenerate else None
+    # oracle scorers (exact retraining) have no per-example ranking to remove from: skipped
+    skipped = resolved.oracle_labels()
+    if len(skipped) == len(resolved.methods):
+        raise ConfigError(
+            "methods: counterfactual needs a method with scores; "
+            f"{', '.join(sorted(skipped))} only predict subsets from retrained models"
+        )
+    resolved = resolved.only([m.label for m in resolved.methods if m.label not in skipped])
+    train_cfg, switched = _same_steps(resolved.config, resolved.registry)
+    return CounterfactualSetup(
+        cf=cf,
+        resolved=resolved,
+        task=task,
+        protocol=protocol,
+        removed_weight=removed_weight,
+        generation=generation,
+        skipped=skipped,
+        train_cfg=train_cfg,
+        switched=switched,
+        target=as_measurement(cfg.target),
+    )
+
+
+def _file_ids(
+    cfg: RunConfig, setup: CounterfactualSetup, dump: dict[str, Any], runs: list[Run]
+) -> dict[str, str]:
+    """Run name -> stored run id (:func:`_file_id`); ``dump`` is ``setup.train_cfg`` as JSON."""
+    # a run's file name carries a digest of everything that defines it (removed set, seed,
+    # training config, target, regeneration), so a re-run with other settings or rescored
+    # methods trains new files instead of silently reusing stale ones
+    defining = [
+        dump["task"],
+        dump["dtype"],
+        dump["device"],
+        cfg.seed,
+        setup.target.model_dump(),
+        setup.generation,
+    ] + ([setup.protocol, setup.removed_weight] if setup.protocol == SINGLE else [])
+    return {r.run_id: _file_id(r, defining) for r in runs}
+
+
+def _retrain(
+    cfg: RunConfig, setup: CounterfactualSetup, plan: RemovalPlan, out: Path, progress: bool
+) -> _Retrained:
+    """Train the planned runs whose files are missing, on the queries saved under
+    ``counterfactual/queries``, and load all of them."""
+    # regenerate: one more row per run file (pixel distances), so toggling it retrains
+    store = RunStore(out / "counterfactual" / "runs", (1 + bool(setup.generation), 2, plan.nq))
+    dump = setup.train_cfg.model_dump(mode="json")
+    file_of = _file_ids(cfg, setup, dump, plan.runs)
+    runs = [Run(file_of[r.run_id], r.removed, r.seed) for r in plan.runs]
+    qpath = out / "counterfactual" / "queries"
+
+    def make_job(group: tuple[Run, ...]) -> Job:
+        return Job(
+            dump,
+            (setup.target.model_dump(),),
+            str(qpath.resolve()),
+            group,
+            setup.removed_weight,
+            cfg.seed,
+            cfg.threads,
+            setup.generation,
+            protocol=setup.protocol,
+        )
+
+    executor = make_executor(cfg, setup.resolved.registry)
+    batch = cfg.evaluation.lds.batch if cfg.evaluation.lds else 8
+    stored = execute(
+        runs, store, make_job, executor, batch, desc="counterfactual", progress=progress
+    )
+    return _Retrained(store, file_of, {name: stored[fid] for name, fid in file_of.items()})
 
 
 def _regen_info(
     task: Any,
-    store: RunStore,
     queries: Any,
-    labels: list[str],
-    nq: int,
+    plan: RemovalPlan,
+    retrained: _Retrained,
     out: Path,
     generation: tuple[int, int],
-    file_of: dict[str, str],
 ) -> dict[str, Any]:
     """Save the grid images (``counterfactual/regenerated.npy``) and describe them for info.json."""
-    grid = R.regenerated_images(task, store, queries, labels, nq, file_of)
+    labels = list(plan.top)
+    grid = R.regenerated_images(task, retrained.store, queries, labels, plan.nq, retrained.file_of)
     if grid is not None:
         atomic_save_npy(out / "counterfactual" / "regenerated.npy", grid[0])
     return {
@@ -162,6 +237,28 @@ def _regen_info(
         "regenerate_generation": {"count": generation[0], "seed": generation[1]},
         "regenerated_columns": grid[1] if grid is not None else None,
     }
+
+
+def _write_info(
+    out: Path, setup: CounterfactualSetup, plan: RemovalPlan, regen: dict[str, Any]
+) -> None:
+    """``counterfactual/info.json``: the settings the table was computed under."""
+    atomic_write_json(
+        out / "counterfactual" / "info.json",
+        {
+            "remove_fraction": setup.cf.remove_fraction,
+            "protocol": setup.protocol,
+            "removed_weight": setup.removed_weight,
+            "removed": plan.removed,
+            "seeds": plan.seeds,
+            "queries": plan.nq,
+            "same_steps_as_full": True,
+            "scale_steps_switched_off": setup.switched,
+            "target": target_id(setup.target),
+            "skipped_oracle_methods": sorted(setup.skipped),
+            **regen,
+        },
+    )
 
 
 def counterfactual(
@@ -189,165 +286,28 @@ def counterfactual(
 
 
 def _counterfactual(cfg: RunConfig, out: Path, progress: bool) -> pd.DataFrame:
-    cf = cfg.evaluation.counterfactual or CounterfactualConfig()
-    suite, task = None, None
-    if cfg.evaluation.suite:
-        suite, _, resolved, task = prepare(cfg, out)
-    else:
-        resolved = resolve(cfg)
-    bound = resolved.config
-    protocol, removed_weight = _protocol(cfg, suite)
-    if protocol == SINGLE:  # the training-step hook, before any work
-        task = task if task is not None else build_task(resolved)
-        require_training_steps(task, "counterfactual with protocol: single-model")
-    generation = None
-    if cf.regenerate:  # (count, seed) of the queries' generation, before any work
-        generation = (
-            R.generation_of(suite.meta["config"]["queries"], f"suite {str(suite.path)!r}")
-            if suite is not None
-            else R.generation_of(cfg.queries.model_dump(), "the config")
-        )
-    # oracle scorers (exact retraining) have no per-example ranking to remove from: skipped
-    skipped = resolved.oracle_labels()
-    if len(skipped) == len(resolved.methods):
-        raise ConfigError(
-            "methods: counterfactual needs a method with scores; "
-            f"{', '.join(sorted(skipped))} only predict subsets from retrained models"
-        )
-    resolved = resolved.only([m.label for m in resolved.methods if m.label not in skipped])
-    bound = resolved.config
-    train_cfg, switched = _same_steps(bound, resolved.registry)
-    result = attribute(resolved, out=out, progress=progress, task=task)
-    n = result.task.n_train
-    nq = min(cf.queries, next(iter(result.scores.values())).shape[1])
-    k_remove = max(1, int(np.floor(cf.remove_fraction * n)))
-    queries = index_batch(result.queries, slice(0, nq))
+    """:func:`counterfactual` under its locks: settle, score, retrain, then write the table,
+    ``counterfactual/info.json`` and (next to ``bench`` output) the report."""
+    setup = _settle(cfg, out)
+    generation, single = setup.generation, setup.protocol == SINGLE
+    result = attribute(setup.resolved, out=out, progress=progress, task=setup.task)
+    plan = plan_removals(cfg, setup, result)
+    queries = index_batch(result.queries, slice(0, plan.nq))
     base_distance = (
         R.check_base(result.task, result.model, queries, *generation) if generation else None
     )
-    qpath = out / "counterfactual" / "queries"
-    save_query_batch(qpath, queries)
-    target = as_measurement(cfg.target)
-    tid = target_id(target)
-
-    rng = np.random.default_rng([cfg.seed, 17])
-    random_sets = [
-        tuple(sorted(rng.choice(n, k_remove, replace=False).tolist())) for _ in range(nq)
-    ]
-    top = {
-        m.label: [
-            tuple(np.argsort(-result.scores[m.label][:, q], kind="stable")[:k_remove].tolist())
-            for q in range(nq)
-        ]
-        for m in resolved.methods
-    }
-    # single-model: one deterministic retraining per removal, with the base model's seed
-    seeds = [bound.model.seed] if protocol == SINGLE else [TRUTH_SEED + k for k in range(cf.seeds)]
-    runs = [Run(f"full-seed{k}", (), s) for k, s in enumerate(seeds)]
-    runs += [
-        Run(f"random-q{q}-seed{k}", random_sets[q], s)
-        for q in range(nq)
-        for k, s in enumerate(seeds)
-    ]
-    runs += [
-        Run(f"{label}-q{q}-seed{k}", sets[q], s)
-        for label, sets in top.items()
-        for q in range(nq)
-        for k, s in enumerate(seeds)
-    ]
-    # regenerate: one more row per run file (pixel distances), so toggling it retrains
-    store = RunStore(out / "counterfactual" / "runs", (1 + bool(generation), 2, nq))
-    dump = train_cfg.model_dump(mode="json")
-    # a run's file name carries a digest of everything that defines it (removed set, seed,
-    # training config, target, regeneration), so a re-run with other settings or rescored
-    # methods trains new files instead of silently reusing stale ones
-    defining = [
-        dump["task"],
-        dump["dtype"],
-        dump["device"],
-        cfg.seed,
-        target.model_dump(),
-        generation,
-    ] + ([protocol, removed_weight] if protocol == SINGLE else [])
-    file_of = {r.run_id: _file_id(r, defining) for r in runs}
-    runs = [Run(file_of[r.run_id], r.removed, r.seed) for r in runs]
-
-    def make_job(group: tuple[Run, ...]) -> Job:
-        return Job(
-            dump,
-            (target.model_dump(),),
-            str(qpath.resolve()),
-            group,
-            removed_weight,
-            cfg.seed,
-            cfg.threads,
-            generation,
-            protocol=protocol,
-        )
-
-    executor = make_executor(cfg, resolved.registry)
-    batch = cfg.evaluation.lds.batch if cfg.evaluation.lds else 8
-    stored = execute(
-        runs, store, make_job, executor, batch, desc="counterfactual", progress=progress
-    )
-    res = {name: stored[fid] for name, fid in file_of.items()}
-
-    def values(prefix: str, q: int, row: int = 0) -> np.ndarray:
-        return np.array([res[f"{prefix}-seed{k}"][row, 0, q] for k in range(len(seeds))])
-
-    full = np.stack([res[f"full-seed{k}"][0, 0] for k in range(len(seeds))])  # (S, nq)
-    predicted = _predicted(result, resolved, top, n, removed_weight) if protocol == SINGLE else None
-    rows = []
-    for m in resolved.methods:
-        for q in range(nq):
-            d_top = values(f"{m.label}-q{q}", q) - full[:, q]
-            d_rand = values(f"random-q{q}", q) - full[:, q]
-            (tm, ts), (rm, rs) = _mean_se(d_top), _mean_se(d_rand)
-            rows.append(
-                {
-                    "label": m.label,
-                    "method": m.name,
-                    "target": tid,
-                    "query": q,
-                    "removed": k_remove,
-                    "change_mean": tm,
-                    "change_stderr": ts,
-                    "random_mean": rm,
-                    "random_stderr": rs,
-                    "top_minus_random": float((d_top - d_rand).mean()),
-                    "n_seeds": len(seeds),
-                }
-            )
-            if predicted is not None:  # deterministic effects; the method's own prediction
-                rows[-1].update(change_stderr=0.0, random_stderr=0.0, protocol=protocol)
-                rows[-1]["predicted_change"] = float(predicted[m.label][q])
-            if generation:  # pixel distances: row 1 of every run file
-                dists = [values(p, q, 1) for p in (f"{m.label}-q{q}", f"random-q{q}", "full")]
-                for name, d in zip(("top", "random", "full"), dists, strict=True):
-                    rows[-1][f"regen_{name}_mean"], rows[-1][f"regen_{name}_stderr"] = _mean_se(d)
-    extra = SINGLE_COLUMNS if protocol == SINGLE else []
+    save_query_batch(out / "counterfactual" / "queries", queries)
+    retrained = _retrain(cfg, setup, plan, out, progress)
+    predicted = predicted_changes(result, setup, plan) if single else None
+    rows = table_rows(setup, plan, retrained.results, predicted)
+    extra = SINGLE_COLUMNS if single else []
     table = pd.DataFrame(rows, columns=CF_COLUMNS + (REGEN_COLUMNS if generation else []) + extra)
     atomic_to_csv(out / "counterfactual.csv", table)
     regen: dict[str, Any] = {"regenerate": False}
     if generation is not None and base_distance is not None:
-        regen = _regen_info(result.task, store, queries, list(top), nq, out, generation, file_of)
+        regen = _regen_info(result.task, queries, plan, retrained, out, generation)
         regen["regenerate_base_distance"] = base_distance.tolist()
-    atomic_write_json(
-        out / "counterfactual" / "info.json",
-        {
-            "remove_fraction": cf.remove_fraction,
-            "protocol": protocol,
-            "removed_weight": removed_weight,
-            "removed": k_remove,
-            "seeds": seeds,
-            "queries": nq,
-            "same_steps_as_full": True,
-            "scale_steps_switched_off": switched,
-            "target": tid,
-            "skipped_oracle_methods": skipped,
-            **regen,
-        },
-    )
+    _write_info(out, setup, plan, regen)
     if (out / "bench.json").is_file():
         write_report(out)
     return table

@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,27 +116,34 @@ def protocol_notes(meta: dict[str, Any], table: pd.DataFrame) -> list[str]:
     return notes
 
 
-def write_report(out: str | Path) -> tuple[Path, Path]:
-    """(Re)build ``report.md``, ``report.html`` and ``figures/*.png`` from a bench directory."""
-    out = Path(out)
-    meta = json.loads((out / "bench.json").read_text())
-    table = pd.read_csv(out / "lds.csv")
-    pairs = (
-        pd.read_csv(out / "pairwise.csv")
-        if (out / "pairwise.csv").stat().st_size > 1
-        else pd.DataFrame()
-    )
-    figs = _figures(out, meta, table)
-    rel = meta["reliability"]
-    rel_df = tables.reliability_table(rel)
-    lds_df = tables.lds_table(table, meta["null"], rel.get(meta["target"]))
-    pair_df = tables.pairwise_table(pairs)
-    cf_path = out / "counterfactual.csv"
-    cf_df = tables.counterfactual_summary(pd.read_csv(cf_path)) if cf_path.is_file() else None
+@dataclass(frozen=True)
+class _ReportParts:
+    """Everything ``report.md`` and ``report.html`` show, as text (Markdown and HTML alike).
 
+    Attributes:
+        target: the benchmarked target's id (the page title).
+        header: the protocol, suite and LDS settings in one paragraph.
+        warn: the noisy-targets warning, or "" when every target is reliable enough.
+        notes: one line per note (missing baselines, single-model protocol).
+        sections: ``(title, Markdown table, HTML table)`` per table, in page order.
+        figs: ``(title, PNG path)`` per figure under ``figures/``.
+        suite_command: the command that built the suite.
+    """
+
+    target: str
+    header: str
+    warn: str
+    notes: list[str]
+    sections: list[tuple[str, str, str]]
+    figs: list[tuple[str, Path]]
+    suite_command: Any
+
+
+def _header(meta: dict[str, Any], table: pd.DataFrame) -> str:
+    """The paragraph under the title: protocol, suite size, α, N, target, queries, LDS and CI."""
     lds_cfg = meta["lds"]
     protocol = meta.get("protocol", "distributional")
-    header = (
+    return (
         f"Protocol: {protocol} ({PROTOCOLS.get(protocol, '')}). "
         f"Suite `{meta['suite']}`: {lds_cfg['subsets']} subsets × {lds_cfg['seeds']} seeds, "
         f"α = {lds_cfg['kept_fraction']}, removed weight {lds_cfg['removed_weight']}, "
@@ -143,6 +151,10 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
         f"{int(table['n_queries'].iloc[0])} queries. LDS = Spearman over subsets per query, "
         f"mean ± s.e. over queries; CI = 95 % bootstrap over subsets ({meta['n_boot']} resamples)."
     )
+
+
+def _noise_warning(rel: dict[str, Any]) -> str:
+    """The targets whose split-seed reliability is below the flag, or "" if there are none."""
     noisy = [
         t
         for t, r in rel.items()
@@ -150,7 +162,7 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
         and not math.isnan(r["reliability"])
         and r["reliability"] < tables.RELIABILITY_FLAG
     ]
-    warn = (
+    return (
         (
             f"Targets too noisy to rank methods (split-seed reliability < {tables.RELIABILITY_FLAG}): "
             + ", ".join(f"`{t}`" for t in noisy)
@@ -158,6 +170,10 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
         if noisy
         else ""
     )
+
+
+def _notes(meta: dict[str, Any], table: pd.DataFrame) -> list[str]:
+    """Missing no-model baselines, then the single-model protocol's notes."""
     notes = []
     if "pixel-similarity" not in set(table["method"]) and "clip" not in set(table["method"]):
         notes.append(
@@ -167,7 +183,20 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
         notes.append(
             "CLIP not run (no weights given): `pixel-similarity` is the no-model baseline."
         )
-    notes += protocol_notes(meta, table)
+    return notes + protocol_notes(meta, table)
+
+
+def _sections(
+    out: Path, meta: dict[str, Any], table: pd.DataFrame, pairs: pd.DataFrame
+) -> list[tuple[str, str, str]]:
+    """``(title, Markdown, HTML)`` of the reliability, LDS, pairwise and counterfactual tables
+    (the last two only when there is something to show)."""
+    rel = meta["reliability"]
+    rel_df = tables.reliability_table(rel)
+    lds_df = tables.lds_table(table, meta["null"], rel.get(meta["target"]))
+    pair_df = tables.pairwise_table(pairs)
+    cf_path = out / "counterfactual.csv"
+    cf_df = tables.counterfactual_summary(pd.read_csv(cf_path)) if cf_path.is_file() else None
     sections: list[tuple[str, str, str]] = [
         ("Suite reliability (the ceiling)", tables.to_markdown(rel_df), tables.to_html(rel_df)),
         ("LDS", tables.to_markdown(lds_df), tables.to_html(lds_df)),
@@ -194,37 +223,69 @@ def write_report(out: str | Path) -> tuple[Path, Path]:
                 tables.to_html(cf_df),
             )
         )
+    return sections
 
-    md = [f"# Attribution benchmark: {meta['target']}", "", header, ""]
-    md += [f"**{warn}**", ""] if warn else []
-    md += [f"> {n}" for n in notes] + ([""] if notes else [])
-    for title, body, _ in sections:
+
+def _markdown(parts: _ReportParts) -> str:
+    """The text of ``report.md`` (figures linked from ``figures/``)."""
+    md = [f"# Attribution benchmark: {parts.target}", "", parts.header, ""]
+    md += [f"**{parts.warn}**", ""] if parts.warn else []
+    md += [f"> {n}" for n in parts.notes] + ([""] if parts.notes else [])
+    for title, body, _ in parts.sections:
         md += [f"## {title}", "", body, ""]
     md += ["## Figures", ""]
-    md += [f"### {title}\n\n![{title}](figures/{path.name})\n" for title, path in figs]
-    md += [f"Suite built with: `{meta.get('suite_command')}`", ""]
-    md_path, html_path = out / "report.md", out / "report.html"
-    atomic_write_text(md_path, "\n".join(md))
+    md += [f"### {title}\n\n![{title}](figures/{path.name})\n" for title, path in parts.figs]
+    md += [f"Suite built with: `{parts.suite_command}`", ""]
+    return "\n".join(md)
 
+
+def _html(parts: _ReportParts) -> str:
+    """The text of ``report.html``: self-contained, figures inline as base64 PNG."""
     h = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Attribution benchmark</title>"
-        f"<style>{CSS}</style></head><body><h1>Attribution benchmark: {html.escape(meta['target'])}</h1>",
-        f"<p class='note'>{html.escape(header)}</p>",
+        f"<style>{CSS}</style></head><body><h1>Attribution benchmark: {html.escape(parts.target)}</h1>",
+        f"<p class='note'>{html.escape(parts.header)}</p>",
     ]
-    if warn:
-        h.append(f"<p class='warn'><b>{html.escape(warn)}</b></p>")
-    h += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
-    for title, _, body in sections:
+    if parts.warn:
+        h.append(f"<p class='warn'><b>{html.escape(parts.warn)}</b></p>")
+    h += [f"<p class='note'>{html.escape(n)}</p>" for n in parts.notes]
+    for title, _, body in parts.sections:
         h.append(f"<h2>{html.escape(title)}</h2>{body}")
     h.append("<h2>Figures</h2>")
-    for title, path in figs:
+    for title, path in parts.figs:
         data = base64.b64encode(path.read_bytes()).decode()
         h.append(
             f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
         )
     h.append(
-        f"<p class='note'>Suite built with: <code>{html.escape(str(meta.get('suite_command')))}</code></p>"
+        f"<p class='note'>Suite built with: <code>{html.escape(str(parts.suite_command))}</code></p>"
     )
     h.append("</body></html>")
-    atomic_write_text(html_path, "\n".join(h))
+    return "\n".join(h)
+
+
+def write_report(out: str | Path) -> tuple[Path, Path]:
+    """(Re)build ``report.md``, ``report.html`` and ``figures/*.png`` from a bench directory."""
+    out = Path(out)
+    meta = json.loads((out / "bench.json").read_text())
+    table = pd.read_csv(out / "lds.csv")
+    pairs = (
+        pd.read_csv(out / "pairwise.csv")
+        if (out / "pairwise.csv").stat().st_size > 1
+        else pd.DataFrame()
+    )
+    figs = _figures(out, meta, table)
+    sections = _sections(out, meta, table, pairs)
+    parts = _ReportParts(
+        target=meta["target"],
+        header=_header(meta, table),
+        warn=_noise_warning(meta["reliability"]),
+        notes=_notes(meta, table),
+        sections=sections,
+        figs=figs,
+        suite_command=meta.get("suite_command"),
+    )
+    md_path, html_path = out / "report.md", out / "report.html"
+    atomic_write_text(md_path, _markdown(parts))
+    atomic_write_text(html_path, _html(parts))
     return md_path, html_path
