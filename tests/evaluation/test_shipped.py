@@ -60,6 +60,7 @@ def test_rebuilt_runs_match_stored_truth(name: str) -> None:
         pytest.param("digits2-ddpm-single", marks=pytest.mark.slow),
         pytest.param("digits2-ddpm-single-a50", marks=pytest.mark.slow),
         pytest.param("digits2-ddpm-single-a90", marks=pytest.mark.slow),
+        pytest.param("digits10-ddpm-single", marks=pytest.mark.slow),
     ],
 )
 def test_single_model_suite_rebuilds_bit_for_bit(name: str) -> None:
