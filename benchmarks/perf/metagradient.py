@@ -106,9 +106,8 @@ def estimates(spec: dict[str, Any]) -> dict[str, float]:
     queries' shape give the same probe as the row's own (seconds instead of a training run).
     """
     from attribution_diffusion import DDPMDigitsTask
-    from attribution_metagrad.budget import estimate_memory, query_residual_bytes
     from attribution_metagrad.replay import ReplayPlan
-    from attribution_metagrad.scorer import query_chunk
+    from attribution_metagrad.scorer import pass_estimate
 
     from attribution_core import example_noise
 
@@ -121,11 +120,8 @@ def estimates(spec: dict[str, Any]) -> dict[str, float]:
     queries = {"x": torch.randn(n_query, *task.train_data()["x"].shape[1:])}
     measurement = task.training_loss(n_samples=spec["draws"])
     noise = example_noise(measurement, queries, 0, "query", 0)
-    first = slice(0, min(query_chunk(measurement), qb, n_query))
-    probe = query_residual_bytes(model, measurement, queries, noise, first)
     plan = ReplayPlan(spec["steps"], spec["every"], qb)
-    ones = torch.ones(task.n_train, dtype=task.dtype)
-    parts = estimate_memory(task, 0, ones, (plan.states_held(), n_query, qb), probe).describe()
+    parts = pass_estimate(task, 0, model, measurement, queries, noise, plan).describe()
     reverse = parts["states_gib"] + parts["adjoints_gib"] + parts["step_gib"]
     return {
         "estimate_mib": parts["total_gib"] * 1024,

@@ -36,7 +36,12 @@ from attribution_core import (
     index_batch,
     require_training_steps,
 )
-from attribution_metagrad.budget import estimate_memory, query_residual_bytes, require_fits
+from attribution_metagrad.budget import (
+    MemoryEstimate,
+    estimate_memory,
+    query_residual_bytes,
+    require_fits,
+)
 from attribution_metagrad.cache import ScoreCache, score_key_parts
 from attribution_metagrad.replay import ReplayPlan, default_every, weight_gradients
 
@@ -147,11 +152,7 @@ class MetagradientScorer(Scorer):
         seed, plan, measurement, noise = how
         n_query = batch_size(queries)
         weights = torch.ones(task.n_train, dtype=task.dtype, device=task.device)
-        first = slice(0, min(query_chunk(measurement), plan.query_batch, n_query))
-        probe = query_residual_bytes(model, measurement, queries, noise, first)
-        estimate = estimate_memory(
-            task, seed, weights, (plan.states_held(), n_query, plan.query_batch), probe
-        )
+        estimate = pass_estimate(task, seed, model, measurement, queries, noise, plan)
         limit = require_fits(estimate, self.options.memory_limit_gb)
         t0 = time.perf_counter()
         grads = weight_gradients(
@@ -197,6 +198,26 @@ def query_gradient_fn(model: nn.Module, measurement: Measurement, queries: Batch
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     return gradients
+
+
+def pass_estimate(
+    task: Task,
+    seed: int,
+    model: nn.Module,
+    measurement: Measurement,
+    queries: Batch,
+    noise: Batch,
+    plan: ReplayPlan,
+) -> MemoryEstimate:
+    """The memory estimate of one reverse pass at weights 1 over ``queries``: one probe training
+    step and the probe of the first query sub-block (``min(query_chunk, query_batch, Q)``)."""
+    n_query = batch_size(queries)
+    first = slice(0, min(query_chunk(measurement), plan.query_batch, n_query))
+    probe = query_residual_bytes(model, measurement, queries, noise, first)
+    weights = torch.ones(task.n_train, dtype=task.dtype, device=task.device)
+    return estimate_memory(
+        task, seed, weights, (plan.states_held(), n_query, plan.query_batch), probe
+    )
 
 
 def query_chunk(measurement: Measurement) -> int:
