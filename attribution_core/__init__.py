@@ -101,6 +101,7 @@ from attribution_core.single_model import (
 from attribution_core.sinks import MemmapSink, TopK, TopKSink
 from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
 from attribution_core.training_step import (
+    DESCRIPTION_BASELINE,
     AdamEpsOption,
     DrawStreams,
     OptimizerConfig,
@@ -112,11 +113,13 @@ from attribution_core.training_step import (
     WarmupStepsOption,
     init_optimizer_state,
     optimizer_update,
+    recipe_description,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DESCRIPTION_BASELINE",
     "AdamEpsOption",
     "AttributionError",
     "AttributionResult",
@@ -189,6 +192,7 @@ __all__ = [
     "optimizer_update",
     "per_example_gradients",
     "progress_bar",
+    "recipe_description",
     "require_training_steps",
     "resolve",
     "resolve_method",

@@ -17,13 +17,8 @@ from attribution_core.config import LDSConfig, RunConfig, load_config
 from attribution_core.evaluation import single
 from attribution_core.evaluation.bench import open_suite
 from attribution_core.evaluation.runs import target_id
-from attribution_core.evaluation.suite import (
-    check_masks,
-    check_targets,
-    draw_masks,
-    kept_count,
-    require_task,
-)
+from attribution_core.evaluation.suite import check_targets, draw_masks, kept_count, require_task
+from attribution_core.evaluation.suite_checks import check_masks, check_task
 from attribution_core.models import load_model
 from attribution_core.pipeline import Resolved, build_task, load_queries, resolve
 from attribution_core.plan import (
@@ -87,6 +82,7 @@ def plan_bench(config: Source, overrides: tuple[str, ...] = ()) -> RunPlan:
     suite, _ = open_suite(cfg)
     task = build_task(resolved)
     check_masks(suite, task.n_train)
+    check_task(suite.meta, suite.path, task)
     oracle = resolved.oracle_labels()
     plan = plan_run(
         resolved,

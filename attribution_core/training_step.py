@@ -41,11 +41,26 @@ OptimizerOption = Annotated[
 AdamEpsOption = Annotated[
     float, Field(gt=0.0, description="Adam's ε (larger: smoother in the training-data weights).")
 ]
-"""``adam_eps`` option (default ``1e-8``, torch's)."""
+"""``adam_eps`` option (each task states its default; torch's is ``1e-8``)."""
 WarmupStepsOption = Annotated[
     int, Field(ge=0, description="Linear learning-rate warm-up over the first steps (0: none).")
 ]
 """``warmup_steps`` option (default ``0``)."""
+
+DESCRIPTION_BASELINE = {"optimizer": "adam", "adam_eps": 1e-8, "warmup_steps": 0}
+"""The recipe a task description *without* recipe keys stands for: descriptions (manifests,
+suites, model cache keys) were written before these options existed, with torch's Adam. A task's
+default may differ (``ddpm-digits``: ``adam_eps`` 1e-2); descriptions stay relative to this."""
+
+
+def recipe_description(optimizer: str, adam_eps: float, warmup_steps: int) -> dict[str, object]:
+    """The recipe options that differ from :data:`DESCRIPTION_BASELINE`, for ``Task.describe``.
+
+    Two configs describe the same training run exactly when they describe the same recipe, so a
+    run recorded before a task's default changed keeps its description and cache keys.
+    """
+    recipe = {"optimizer": optimizer, "adam_eps": adam_eps, "warmup_steps": warmup_steps}
+    return {k: v for k, v in recipe.items() if v != DESCRIPTION_BASELINE[k]}
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,8 @@ from attribution_core.errors import ConfigError
 from attribution_core.evaluation import lds as L
 from attribution_core.evaluation import single
 from attribution_core.evaluation.runs import load_query_arrays, target_id
-from attribution_core.evaluation.suite import (
-    Suite,
-    check_lds_block,
-    check_masks,
-    load_suite,
-    require_task,
-)
+from attribution_core.evaluation.suite import Suite, load_suite, require_task
+from attribution_core.evaluation.suite_checks import check_lds_block, check_masks, check_task
 from attribution_core.interfaces import Scorer, Task
 from attribution_core.locking import command_locks
 from attribution_core.methods import MethodSpec
@@ -88,6 +83,7 @@ def prepare(
     suite, tid = open_suite(cfg)
     task = build_task(resolved)
     check_masks(suite, task.n_train)
+    check_task(suite.meta, suite.path, task)
     bound = cfg.model_copy(
         update={
             "model": ModelConfig(

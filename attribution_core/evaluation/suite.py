@@ -60,6 +60,11 @@ from attribution_core.evaluation.runs import (
     save_query_batch,
     target_id,
 )
+from attribution_core.evaluation.suite_checks import (
+    LDS_KEYS,
+    as_json,
+    check_task,
+)
 from attribution_core.integrity import hash_suite, verify_suite
 from attribution_core.locking import directory_lock
 from attribution_core.pipeline import (
@@ -70,8 +75,6 @@ from attribution_core.pipeline import (
     versions,
 )
 from attribution_core.storage import atomic_save_npy, atomic_write_json, save_tensors
-
-LDS_KEYS = ("subsets", "seeds", "kept_fraction", "removed_weight")
 
 
 @dataclass
@@ -214,51 +217,6 @@ def draw_masks(n_train: int, subsets: int, kept_fraction: float, seed: int) -> n
     return masks
 
 
-def check_lds_block(cfg: RunConfig, suite: Suite) -> None:
-    """An ``evaluation.lds`` block may only restate the suite's own settings."""
-    lds = cfg.evaluation.lds
-    if lds is None:
-        return
-    built = suite.meta["lds"]
-    if "protocol" in lds.model_fields_set and lds.protocol != suite.protocol:
-        raise ConfigError(
-            f"evaluation.lds.protocol: {lds.protocol!r} conflicts with suite {str(suite.path)!r}, "
-            f"built under the {suite.protocol!r} protocol; bench takes the protocol from the "
-            f"suite — remove evaluation.lds.protocol or point evaluation.suite at a suite built "
-            f"with protocol: {lds.protocol}"
-        )
-    recorded = {"cross_seeds": 0, "cross_seed_scope": "stream", **built}
-    for k in sorted(lds.model_fields_set & {"cross_seeds", "cross_seed_scope"}):
-        if getattr(lds, k) != recorded[k]:
-            raise ConfigError(
-                f"evaluation.lds.{k}: {getattr(lds, k)!r} conflicts with suite "
-                f"{str(suite.path)!r} (built with {k}={recorded[k]!r}); remove it or build the "
-                f"suite with this setting"
-            )
-    for k in sorted(lds.model_fields_set & set(LDS_KEYS)):
-        if getattr(lds, k) != built[k]:
-            raise ConfigError(
-                f"evaluation.lds.{k}: {getattr(lds, k)!r} conflicts with suite {str(suite.path)!r} "
-                f"(built with {k}={built[k]!r}); the suite's masks and seeds win — remove the "
-                f"evaluation.lds block or build a new suite with these settings"
-            )
-
-
-def check_masks(suite: Suite, n_train: int) -> None:
-    """The suite's masks must have one column per training example of the task."""
-    if suite.masks.dtype != np.bool_:
-        raise DataError(
-            f"evaluation.suite: masks.npy of {str(suite.path)!r} has dtype {suite.masks.dtype}; "
-            f"expected bool (True = kept) — rebuild the suite with `attribution suite build`"
-        )
-    if suite.masks.ndim != 2 or suite.masks.shape[1] != n_train:
-        raise DataError(
-            f"evaluation.suite: masks.npy of {str(suite.path)!r} has shape {suite.masks.shape}, "
-            f"but the task has {n_train} training examples; use the task config the suite was "
-            f"built with: {json.dumps(suite.meta['config']['task'])}"
-        )
-
-
 def build_suite(
     config: str | Path | dict[str, Any] | RunConfig,
     out: str | Path,
@@ -304,14 +262,20 @@ def _build_suite(cfg: RunConfig, out: Path, progress: bool, command: str | None)
     meta_path = out / "suite.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        if old.get("identity") != json.loads(json.dumps(identity, default=str)):
+        was = old.get("identity", {})
+        differing = [
+            k for k in identity if k != "task" and was.get(k) != as_json(identity[k])
+        ]  # the task is compared by its description (a changed default keeps old suites valid)
+        if differing or was.keys() != identity.keys():
             raise ConfigError(
                 f"--out {str(out)!r} holds a suite built from another config; choose a new --out "
                 f"(or delete it) — differing: "
-                + ", ".join(k for k in identity if old.get("identity", {}).get(k) != identity[k])
+                + ", ".join(differing or sorted(was.keys() ^ identity.keys()))
             )
     torch.set_num_threads(cfg.threads)
     task = build_task(resolved)
+    if meta_path.is_file():
+        check_task(old, out, task)
     if is_single:  # the hook, the base model's path, the draws: before any work
         single.check_single_model(cfg, task, resolved.registry, targets)
     n = task.n_train

@@ -28,6 +28,7 @@ from attribution_core import (
     Task,
     TrainingRecipe,
     WarmupStepsOption,
+    recipe_description,
     validate_model,
 )
 from attribution_diffusion import steps, training
@@ -38,9 +39,6 @@ from attribution_diffusion.replay import replay_checkpoints
 from attribution_diffusion.sampling import sample_ddim, sample_ddpm
 from attribution_diffusion.schedule import Schedule
 from attribution_diffusion.unet import UNet, check_image_size
-
-RECIPE_OPTIONS = ("optimizer", "adam_eps", "warmup_steps")
-"""Training-recipe options left out of descriptions at their defaults."""
 
 
 class DataTrainingOptions(BaseModel):
@@ -92,13 +90,13 @@ class DataTrainingOptions(BaseModel):
         )
 
     def described(self) -> dict[str, Any]:
-        """``model_dump()`` without the recipe options left at their defaults (so descriptions
-        and model cache keys of runs that do not set them are unchanged)."""
+        """``model_dump()`` with the recipe options written relative to the core's description
+        baseline (torch's Adam), whatever this task's defaults: a run recorded before the
+        ``ddpm-digits`` default became ``adam_eps`` 1e-2 keeps its description and cache keys."""
         out = self.model_dump()
-        for name in RECIPE_OPTIONS:
-            if out[name] == type(self).model_fields[name].default:
-                del out[name]
-        return out
+        for name in ("optimizer", "adam_eps", "warmup_steps"):
+            del out[name]
+        return {**out, **recipe_description(self.optimizer, self.adam_eps, self.warmup_steps)}
 
     @field_validator("classes")
     @classmethod
@@ -122,6 +120,11 @@ class DDPMOptions(DataTrainingOptions):
     num_res_blocks: int = Field(1, ge=1, description="Residual blocks per level.")
     sampler: Literal["ddpm", "ddim"] = Field("ddpm", description="Query sampler.")
     ddim_steps: int = Field(50, ge=1, description="DDIM steps (sampler: ddim).")
+    adam_eps: AdamEpsOption = Field(
+        1e-2,
+        description="Adam's ε: 1e-2, the metasmoothness sweep's choice (smooth in the "
+        "training-data weights; torch's 1e-8 is not — docs/metagradient.md).",
+    )
 
     @field_validator("channel_mult")
     @classmethod

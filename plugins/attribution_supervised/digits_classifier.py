@@ -29,6 +29,7 @@ from attribution_core import (
     Task,
     TrainingRecipe,
     WarmupStepsOption,
+    recipe_description,
     row_chunks,
 )
 from attribution_supervised.measurements import CrossEntropy
@@ -109,9 +110,7 @@ class DigitsClassifierTask(Task):
             "batch_size": batch_size,
             "l2": l2,
         }
-        recipe = {"optimizer": optimizer, "adam_eps": adam_eps, "warmup_steps": warmup_steps}
-        defaults = {"optimizer": "adam", "adam_eps": 1e-8, "warmup_steps": 0}
-        self.options.update({k: v for k, v in recipe.items() if v != defaults[k]})  # else unchanged
+        self.options.update(recipe_description(optimizer, adam_eps, warmup_steps))
 
     def _batch(self, X: np.ndarray, y: np.ndarray) -> Batch:
         return {

@@ -173,11 +173,17 @@ def test_closed_form_solver_is_refused():
         train_single_model(task, torch.ones(10), 0)
 
 
-def test_recipe_options_default_unchanged_and_honoured():
-    """Defaults leave descriptions and the optimiser as before; options reach both paths."""
+def test_recipe_options_defaults_described_against_the_baseline_and_honoured():
+    """Descriptions state the recipe relative to torch's Adam (``DESCRIPTION_BASELINE``), so
+    ddpm-digits' default ε = 1e-2 is described and an explicit 1e-8 describes as runs recorded
+    before the default changed; options reach both paths."""
     plain = DDPMDigitsTask(batch_size=4, **TINY_DDPM)
-    assert not {"optimizer", "adam_eps", "warmup_steps"} & set(plain.describe())
-    assert plain.training_recipe().optimizer == OptimizerConfig("adam", 2e-3)
+    assert plain.describe()["adam_eps"] == 1e-2
+    assert not {"optimizer", "warmup_steps"} & set(plain.describe())
+    assert plain.training_recipe().optimizer == OptimizerConfig("adam", 2e-3, eps=1e-2)
+    legacy = DDPMDigitsTask(batch_size=4, adam_eps=1e-8, **TINY_DDPM)
+    assert not {"optimizer", "adam_eps", "warmup_steps"} & set(legacy.describe())
+    assert legacy.training_recipe().optimizer == OptimizerConfig("adam", 2e-3)
     task = DDPMDigitsTask(batch_size=4, adam_eps=1e-3, warmup_steps=4, **TINY_DDPM)
     assert task.describe()["adam_eps"] == 1e-3 and task.describe()["warmup_steps"] == 4
     opt = task.training_recipe().optimizer

@@ -96,6 +96,38 @@ def test_other_config_in_existing_suite_dir(lin_suite, tmp_path) -> None:
         build_suite(data, tmp_path / "s")
 
 
+def test_task_describing_another_training_run(lin_suite, tmp_path) -> None:
+    """bench and a resumed build compare the config's task description with the suite's."""
+    suite, cfg = lin_suite
+    other = {"name": "linear-regression", "n_train": 40, "dim": 4, "ridge": 0.5}
+    with pytest.raises(ConfigError, match=r"another training run .*ridge: config 0.5, suite 0.01"):
+        bench(_cfg(suite, task=other), tmp_path / "out")
+    data = json.loads(json.dumps(cfg))
+    data["evaluation"]["lds"].update(subsets=2, seeds=1)
+    build_suite(data, tmp_path / "s")
+    data["task"] = other
+    with pytest.raises(ConfigError, match=r"--set task.ridge=0.01"):
+        build_suite(data, tmp_path / "s")
+
+
+def test_recipe_keys_absent_from_a_suite_record_mean_the_description_baseline(tmp_path) -> None:
+    """A suite recorded before ddpm-digits' default became adam_eps 1e-2 (no recipe keys in its
+    task record) matches an explicit 1e-8 and refuses the new default, naming the fix."""
+    from attribution_diffusion.task import DDPMDigitsTask
+
+    from attribution_core.evaluation.suite_checks import check_task
+
+    tiny = {"n_train": 6, "T": 20, "width": 4, "train_steps": 3, "batch_size": 4}
+    legacy = DDPMDigitsTask(adam_eps=1e-8, **tiny)
+    meta = {"task": legacy.describe(), "config": {"task": {"name": "ddpm-digits", **tiny}}}
+    assert "adam_eps" not in meta["task"]
+    check_task(meta, tmp_path, legacy)
+    with pytest.raises(ConfigError, match=r"adam_eps: config 0.01, suite 1e-08.*adam_eps=1e-08"):
+        check_task(meta, tmp_path, DDPMDigitsTask(**tiny))
+    newer = dict(meta, task={k: v for k, v in meta["task"].items() if k != "cycle"})
+    check_task(newer, tmp_path, legacy)  # an option newer than the suite is not compared
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
