@@ -18,6 +18,9 @@ The query measurement is the suites' target, ``loss`` with ``--draws`` (t, ε) d
 (256 in the suites).
 
     .venv/bin/python benchmarks/perf/metagradient.py [--quick] [--out FILE.json]
+
+With ``--out``, each finished row is written at once (atomically) and a rerun with the same
+``--out`` skips the rows already there (each row records its own date in ``started``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from typing import Any
 
 import torch
 from _common import RSSSampler, header, table
+
+from attribution_core import atomic_write_json
 
 RECIPE = {
     "classes": [0, 1],
@@ -171,8 +176,12 @@ def main() -> None:
         report(done)
         return
     print(header("metagradient cost and memory (ddpm-digits, digits-2 single-model recipe)"))
-    done = []
+    done = json.loads(args.out.read_text()) if args.out and args.out.is_file() else []
+    finished = {row["study"] for row in done}  # resume: rows already in --out are kept
     for spec in rows(args.quick):
+        if spec["study"] in finished:
+            continue
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         proc = subprocess.run(
             [sys.executable, __file__, "--child", json.dumps(spec)],
             capture_output=True,
@@ -181,10 +190,10 @@ def main() -> None:
         )
         if proc.returncode:
             sys.exit(f"row {spec} failed:\n{proc.stderr[-3000:]}")
-        done.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        done.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "started": started})
         print(json.dumps(done[-1]), flush=True)
         if args.out:
-            args.out.write_text(json.dumps(done, indent=1))
+            atomic_write_json(args.out, done)
     report(done)
 
 
