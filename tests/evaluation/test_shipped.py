@@ -30,6 +30,7 @@ def replayed_config(meta: dict) -> dict:
         "digits-classifier",
         pytest.param("digits2-ddpm", marks=pytest.mark.slow),
         pytest.param("digits10-ddpm", marks=pytest.mark.slow),
+        pytest.param("digits2-ddpm-eps1e-2", marks=pytest.mark.slow),
     ],
 )
 def test_rebuilt_runs_match_stored_truth(name: str) -> None:
