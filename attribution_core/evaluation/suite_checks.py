@@ -86,20 +86,14 @@ def check_task(meta: dict[str, Any], where: Path, task: Task) -> None:
     recorded = meta.get("task")
     if recorded is None:
         return
-    described = as_json(task.describe())
     base = as_json(DESCRIPTION_BASELINE)
-    keys = sorted(
-        k
-        for k in recorded.keys() | base.keys()
-        if recorded.get(k, base.get(k)) != described.get(k, base.get(k))
-    )
+    config = {**base, **as_json(task.describe())}  # recipe keys spelled out on both sides
+    suite = {**base, **recorded}
+    keys = sorted(k for k in suite if suite[k] != config.get(k))
     if keys:
-        shown = "; ".join(
-            f"{k}: config {described.get(k, base.get(k))!r}, suite {recorded.get(k, base.get(k))!r}"
-            for k in keys
-        )
+        shown = "; ".join(f"{k}: config {config.get(k)!r}, suite {suite[k]!r}" for k in keys)
         raise ConfigError(
             f"task: the config describes another training run than suite {str(where)!r} was "
             f"built from ({shown}); set them to the suite's: "
-            + " ".join(f"--set task.{k}={recorded.get(k, base.get(k))}" for k in keys)
+            + " ".join(f"--set task.{k}={suite[k]}" for k in keys)
         )

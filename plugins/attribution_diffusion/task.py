@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from attribution_core import (
+    DESCRIPTION_BASELINE,
     AdamEpsOption,
     Batch,
     Checkpoint,
@@ -94,7 +95,7 @@ class DataTrainingOptions(BaseModel):
         baseline (torch's Adam), whatever this task's defaults: a run recorded before the
         ``ddpm-digits`` default became ``adam_eps`` 1e-2 keeps its description and cache keys."""
         out = self.model_dump()
-        for name in ("optimizer", "adam_eps", "warmup_steps"):
+        for name in DESCRIPTION_BASELINE:
             del out[name]
         return {**out, **recipe_description(self.optimizer, self.adam_eps, self.warmup_steps)}
 
