@@ -126,18 +126,20 @@ def plan_suite(config: Source, overrides: tuple[str, ...] = ()) -> RunPlan:
             + (f" + {task.n_train} leave-one-out" if cfg.evaluation.loo else "")
         )
     steps = _training_rows(task)
-    n_params = plan.sizes.n_params
+    n_params, T = plan.sizes.n_params, plan.sizes.train_steps
     pr = plan.probe
     state = 4 * n_params * plan.sizes.itemsize  # parameters, gradients, two optimizer moments
     act = pr.bytes_per_row * min(steps[1], task.n_train) if pr else 0
+    by_step = T > 0 and pr is not None and pr.seconds_per_step is not None
+    each = f"{T} training steps" if by_step else f"{steps[0]} example forward+backwards"
     ph = Phase(
         "retraining",
-        models * steps[0],
+        models * (T if by_step else steps[0]),
         (lds.batch, n_params),
         lds.batch * (state + act),
-        f"{models} models ({what}), {lds.batch} at a time; {steps[0]} example "
-        f"forward+backwards each; targets: {', '.join(target_id(t) for t in targets)}",
-        cost="batched",
+        f"{models} models ({what}), {lds.batch} at a time; {each} each; targets: "
+        f"{', '.join(target_id(t) for t in targets)}",
+        cost="training-step" if by_step else "batched",
     )
     seconds = pr.seconds(ph) if pr else None
     plan.phases.append(
@@ -148,7 +150,10 @@ def plan_suite(config: Source, overrides: tuple[str, ...] = ()) -> RunPlan:
         "kept": kept_count(lds.kept_fraction, task.n_train),
     }
     plan.notes.append(
-        "retraining time = models x (train_steps x batch_size) x the measured per-example "
+        "retraining time = models x T x the measured seconds of one training step (an upper "
+        "bound where scale_steps shortens the half-data runs; measurement not included)"
+        if by_step
+        else "retraining time = models x (train_steps x batch_size) x the measured per-example "
         "rate (an upper bound: training batches cost less per example than per-example gradients)"
     )
     return plan

@@ -9,8 +9,11 @@ parameters) and the config (``Q``); nothing is trained. Per method the phases ar
     + the phase's largest arrays (``Phase.bytes``)
     + per-example activations × the rows alive at once (gradient phases; measured)
 
-and its time as ``Phase.rows`` × the seconds of one per-example forward+backward, measured on a
-few training examples of the untrained model. A run whose estimate exceeds the memory this
+and its time as ``Phase.rows`` × the seconds of one row of the phase's ``cost`` kind, measured on
+the model the command would start from (untrained, or the loaded base model): a per-example
+forward+backward and a batched one on a few training examples, and one optimiser step of the
+task's training-step hook (two steps timed after a warm-up step; tasks without the hook leave
+``"training-step"`` phases untimed). A run whose estimate exceeds the memory this
 process may use (``MemAvailable`` plus its own resident memory, or ``ATTRIBUTION_MAX_MEMORY_MB``
 when set) is refused before any work with the estimate and the option that lowers it.
 """
@@ -31,6 +34,7 @@ from attribution_core.errors import ConfigError
 from attribution_core.interfaces import Task, index_batch
 from attribution_core.per_example import example_noise, per_example_gradients, select_parameters
 from attribution_core.records import Phase, PlanSizes
+from attribution_core.single_model import recipe_if_replayable, training_state_of, unroll_training
 
 MiB = 2**20
 LOWERED_BY = {
@@ -89,9 +93,12 @@ class Probe:
     seconds_per_batched_row: float
     bytes_per_row: int
     rows: int
+    seconds_per_step: float | None = None
 
-    def seconds(self, phase: Phase) -> float:
-        """Estimated seconds of ``phase``."""
+    def seconds(self, phase: Phase) -> float | None:
+        """Estimated seconds of ``phase`` (None: a training-step phase without a timed step)."""
+        if phase.cost == "training-step":
+            return None if self.seconds_per_step is None else phase.rows * self.seconds_per_step
         rate = self.seconds_per_batched_row if phase.cost == "batched" else self.seconds_per_row
         return phase.rows * rate
 
@@ -122,7 +129,25 @@ def probe(task: Task, model: nn.Module, measurement: Any, seed: int, rows: int =
     measurement.evaluate(model, batch, noise).sum().backward()
     batched = (time.perf_counter() - t0) / rows
     model.zero_grad(set_to_none=True)
-    return Probe(per_row, batched, grown // rows, rows)
+    return Probe(per_row, batched, grown // rows, rows, step_seconds(task, model, seed))
+
+
+def step_seconds(task: Task, model: nn.Module, seed: int) -> float | None:
+    """Seconds of one optimiser step of ``task.train_step`` from ``model``'s parameters (steps
+    2 and 3 of the draw stream of ``seed``, after step 1 as a warm-up), or None without the hook.
+    """
+    recipe = recipe_if_replayable(task)
+    if recipe is None:
+        return None
+    params, state = training_state_of(model, recipe)
+    weights = torch.ones(task.n_train, dtype=task.dtype, device=task.device)
+    timed = range(2, min(recipe.steps, 3) + 1) or range(1, 2)
+    with torch.no_grad():
+        if timed.start > 1:
+            params, state = unroll_training(task, params, state, weights, seed, range(1, 2))
+        t0 = time.perf_counter()
+        unroll_training(task, params, state, weights, seed, timed)
+    return (time.perf_counter() - t0) / len(timed)
 
 
 @dataclass(frozen=True)
@@ -194,6 +219,11 @@ class RunPlan:
                 f"{self.probe.seconds_per_row * 1e3:.2f} ms and "
                 f"{self.probe.bytes_per_row / MiB:.1f} MiB per per-example forward+backward, "
                 f"{self.probe.seconds_per_batched_row * 1e3:.2f} ms per example batched"
+                + (
+                    ""
+                    if self.probe.seconds_per_step is None
+                    else f", {self.probe.seconds_per_step * 1e3:.1f} ms per training step"
+                )
             )
         for label, desc in self.methods.items():
             lines.append(f"method {label}: {desc}")
@@ -221,6 +251,7 @@ def model_sizes(task: Task, model: nn.Module, n_query: int, chunk_size: int) -> 
         n_params=sum(p.numel() for p in params.values()),
         chunk_size=chunk_size,
         itemsize=torch.empty((), dtype=task.dtype).element_size(),
+        train_steps=recipe.steps if (recipe := recipe_if_replayable(task)) else 0,
     )
 
 

@@ -159,13 +159,16 @@ class MethodParts:
 
 @dataclass(frozen=True)
 class PlanSizes:
-    """The sizes a plan is computed for: ``N`` training examples, ``Q`` queries, ``p`` params."""
+    """The sizes a plan is computed for: ``N`` training examples, ``Q`` queries, ``p`` params,
+    and ``train_steps`` = ``T``, the optimiser steps of one training run by the task's
+    training-step hook (0 when the task has none)."""
 
     n_train: int
     n_query: int
     n_params: int
     chunk_size: int = 64
     itemsize: int = 4
+    train_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,9 +181,11 @@ class Phase:
         largest: shape of the largest array the phase holds.
         bytes: bytes of that array.
         note: what the phase does, in words.
-        cost: what one row costs: ``"per-example"`` (a per-example gradient, vmapped) or
+        cost: what one row costs: ``"per-example"`` (a per-example gradient, vmapped),
             ``"batched"`` (one example's share of a batched forward+backward, e.g. a K-FAC
-            factor pass); plans time each kind with its own measured rate.
+            factor pass) or ``"training-step"`` (a row is one optimiser step of the task's
+            training-step hook, e.g. a replayed training run); plans time each kind with its
+            own measured rate.
         held: bytes held besides ``largest`` during the phase (e.g. a kept projection matrix).
     """
 

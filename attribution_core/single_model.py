@@ -66,6 +66,15 @@ def require_training_steps(task: Task, who: str) -> TrainingRecipe:
         raise ConfigError(f"{who}: {exc}") from None
 
 
+def recipe_if_replayable(task: Task) -> TrainingRecipe | None:
+    """The task's :class:`TrainingRecipe` when it can replay its training step by step, else
+    None (for plans, which describe what would run without refusing)."""
+    try:
+        return require_training_steps(task, "plan")
+    except ConfigError:
+        return None
+
+
 def training_state_of(
     model: nn.Module, recipe: TrainingRecipe
 ) -> tuple[dict[str, Tensor], OptimizerState]:

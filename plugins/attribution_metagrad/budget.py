@@ -52,6 +52,21 @@ QUERY_BACKWARD_FACTOR = 4
 3.5× on the digits U-Net (32 queries × 256 draws: 6.08 GB peak over 1.72 GB residuals; the
 backward holds activation gradients next to the residuals); rounded up."""
 
+PASS_RUNS = (5.0, 1.7, 1.7)
+"""``(a, b, c)`` of the time model of one pass, in training runs of the same ``T``:
+``a + Q · (b + c / query_batch)`` — the forward run with its checkpoints, each segment's
+recomputation and linearisation (``a``), and per query its pullbacks (``b``, shared by a batch of
+queries through ``vmap``) and its share of the batch's bookkeeping (``c``). Fitted to the CPU-time
+rows of ``benchmarks/results/metagradient_perf.md`` (T = 100, width 16): 8.4 / 20.2 / 62.7 / 114
+runs measured for (Q, query_batch) = (1, 1) / (8, 8) / (32, 32) / (32, 1); the model gives
+8.4 / 20.3 / 61.5 / 114. Widths 8 and 32 measured 0.8× and 1.07× the width-16 row."""
+
+
+def pass_runs(n_query: int, query_batch: int) -> float:
+    """Training runs one pass over ``n_query`` queries costs (:data:`PASS_RUNS`)."""
+    a, b, c = PASS_RUNS
+    return a + n_query * (b + c / max(1, min(query_batch, n_query)))
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:

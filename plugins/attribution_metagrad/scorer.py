@@ -27,6 +27,8 @@ from attribution_core import (
     ConfigError,
     Measurement,
     MethodParts,
+    Phase,
+    PlanSizes,
     Scorer,
     ScoringContext,
     Task,
@@ -39,6 +41,7 @@ from attribution_core import (
 from attribution_metagrad.budget import (
     MemoryEstimate,
     estimate_memory,
+    pass_runs,
     query_residual_bytes,
     require_fits,
 )
@@ -140,6 +143,28 @@ class MetagradientScorer(Scorer):
         sink = context.sink(task.n_train, n_query, out.dtype, out.device)
         sink.write(slice(0, task.n_train), out)
         return sink.result()
+
+    def plan(self, sizes: PlanSizes) -> list[Phase]:
+        """One pass: ``pass_runs(Q, query_batch)`` training runs of ``T`` steps (timed by the
+        plan's measured training step); its memory is estimated and checked when it starts."""
+        n, q, steps = sizes.n_train, sizes.n_query, sizes.train_steps
+        runs = pass_runs(q, self.options.query_batch)
+        what = (
+            f"forward run, query gradients and reverse walk through {steps} steps: about "
+            f"{runs:.0f} training runs (0 on a cache hit); peak memory checked when it starts"
+            if steps
+            else "the task has no training-step hook: the method will refuse it"
+        )
+        return [
+            Phase(
+                "metagradient",
+                round(runs * steps),
+                (n, q),
+                2 * n * q * 8,
+                what,
+                cost="training-step",
+            )
+        ]
 
     def _computed(
         self, task: Task, model: nn.Module, queries: Batch, context: ScoringContext, how: tuple

@@ -184,7 +184,14 @@ class TracInScorer(Scorer):
         """Checkpoint replay, then per checkpoint query and training gradients (K unknown)."""
         n, q, p, b = sizes.n_train, sizes.n_query, sizes.n_params, sizes.itemsize
         return [
-            Phase("checkpoints", 0, (), 0, "replay the base model's training (K checkpoints)"),
+            Phase(
+                "checkpoints",
+                sizes.train_steps,
+                (),
+                0,
+                "replay the base model's training (K checkpoints)",
+                cost="training-step",
+            ),
             Phase(
                 "checkpoint_gradients_and_scores",
                 n + q,

@@ -90,3 +90,41 @@ def test_budget_names_chunk_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert code == 2 and "ATTRIBUTION_MAX_MEMORY_MB" in text, text
     assert "chunk_size" in text or "queries.count" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_training_step_phases_are_timed_by_one_measured_step(no_training: None) -> None:
+    """A task with the training-step hook: the probe times one optimiser step, the sizes carry
+    T, and a replay phase (metagradient, single-model retraining) costs rows × that step."""
+    from attribution_metagrad.budget import pass_runs
+
+    from attribution_core.testing import LINEAR_GD_TASK
+
+    gd = {**LIN, "task": LINEAR_GD_TASK, "methods": [{"name": "metagradient", "query_batch": 2}]}
+    plan = plan_attribute(gd)
+    T = LINEAR_GD_TASK["steps"]
+    assert plan.sizes.train_steps == T
+    assert plan.probe is not None and plan.probe.seconds_per_step > 0
+    (mg,) = plan.phases
+    assert mg.phase.cost == "training-step"
+    assert mg.phase.rows == round(pass_runs(5, 2) * T)
+    assert mg.seconds == pytest.approx(mg.phase.rows * plan.probe.seconds_per_step)
+    single = {**gd, "evaluation": {"lds": {"protocol": "single-model", "subsets": 12}}}
+    (retrain,) = [p for p in plan_suite(single).phases if p.phase.name == "retraining"]
+    assert retrain.phase.cost == "training-step" and retrain.phase.rows == 13 * T  # 12 + base
+    closed = plan_attribute(LIN)  # closed form: no hook, no step to time
+    assert closed.sizes.train_steps == 0 and closed.probe.seconds_per_step is None
+
+
+def test_metagradient_time_model_reproduces_the_measured_passes() -> None:
+    """``pass_runs`` against every T = 100, width-16 row of the perf benchmark (CPU time):
+    within 10 % (the rows were measured on a shared VM; see metagradient_perf.md)."""
+    import json
+
+    from attribution_metagrad.budget import pass_runs
+
+    path = Path(__file__).parents[2] / "benchmarks/results/metagradient_perf.json"
+    rows = [r for r in json.loads(path.read_text()) if r["steps"] == 100 and r["width"] == 16]
+    assert len(rows) >= 5
+    for r in rows:
+        measured = r["per_query_x_cpu"] * r["queries"]
+        assert pass_runs(r["queries"], r["query_batch"]) == pytest.approx(measured, rel=0.1), r
