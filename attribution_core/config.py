@@ -287,6 +287,13 @@ class RunConfig(StrictModel):
         "gradient cache when cache_dir is set). None: all queries at once.",
     )
     cache_dir: str | None = Field(None, description="Cache for gradients and curvature factors.")
+    score_cache: str | None = Field(
+        None,
+        description="Directory of finished method outputs shared across output directories, "
+        "keyed by method, task, target, model bytes and query data: `attribute` or `bench` "
+        "into another OUT restores a method's scores from it instead of scoring again (e.g. "
+        "suites sharing a base model and queries). None: off.",
+    )
     topk: int | None = Field(
         None,
         ge=1,

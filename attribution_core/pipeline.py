@@ -40,11 +40,12 @@ from attribution_core.interfaces import (
 from attribution_core.locking import command_locks
 from attribution_core.methods import MethodSpec, resolve_method
 from attribution_core.models import load_model, trained_model
-from attribution_core.outputs import MethodOutput, Scores, check_topk, finished
+from attribution_core.outputs import MethodOutput, Scores, check_topk
 from attribution_core.plan import check_memory
 from attribution_core.precision import run_precision
 from attribution_core.provenance import versions
 from attribution_core.registry import Registry, get_registry
+from attribution_core.score_cache import ScoreCache
 from attribution_core.shards import ShardRunner, ShardStore
 from attribution_core.storage import atomic_savez, atomic_write_json
 
@@ -330,7 +331,10 @@ class _Run:
         """Score one method (or reuse its finished output): ``(scores, manifest, method)``."""
         cfg, reg = self.resolved.config, self.resolved.registry
         identity = self.identity(spec)
-        if self.out is not None and (done := finished(self.out / spec.label, identity, cfg.topk)):
+        cache = ScoreCache.at(cfg.score_cache, self.queries)
+        if self.out is not None and (
+            done := cache.reused(self.out / spec.label, identity, cfg.topk)
+        ):
             return (*done, None)
         method = build_method(spec, reg, self.task, where=f"methods[{index}]")
         output = MethodOutput(self.out / spec.label if self.out else None, cfg.topk, cfg.dtype)
@@ -375,6 +379,7 @@ class _Run:
         if self.out is not None:
             manifest["files"] = files
             atomic_write_json(self.out / spec.label / "manifest.json", manifest)
+            cache.store(identity, self.out / spec.label)
         if shards.store is not None:
             shards.store.clear()  # the finished output replaces the finished shards
         return arr, manifest, method
