@@ -5,9 +5,10 @@ names the query file by path (``bench`` copies a suite's queries into each outpu
 With ``score_cache: DIR`` every finished output is also copied to ``DIR/<key>/``, where ``key``
 hashes the identity with the queries named by their content instead (:func:`portable_identity`:
 method, task, target, model bytes, query data, dtype, precision, top-k); an output found
-finished in its own directory is copied there too. A method whose key is there is restored into ``OUT/<label>/`` instead of being scored. So ``bench`` on several suites
-that share a base model and queries (single-model suites at several removal sizes and the
-distributional suite on the same model) scores every method once.
+finished in its own directory is copied there too. A method whose key is there is restored
+into ``OUT/<label>/`` instead of being scored. So ``bench`` on several suites that share a base
+model and queries (single-model suites at several removal sizes and the distributional suite on
+the same model) scores every method once.
 
 Layout of an entry: the output's files (``scores.npy`` or ``topk.npz``) and its
 ``manifest.json`` with ``portable_identity`` added. A restored manifest is the cached one with

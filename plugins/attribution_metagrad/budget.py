@@ -59,7 +59,7 @@ recomputation and linearisation (``a``), and per query its pullbacks (``b``, sha
 queries through ``vmap``) and its share of the batch's bookkeeping (``c``). Fitted to the CPU-time
 rows of ``benchmarks/results/metagradient_perf.md`` (T = 100, width 16): 8.4 / 20.2 / 62.7 / 114
 runs measured for (Q, query_batch) = (1, 1) / (8, 8) / (32, 32) / (32, 1); the model gives
-8.4 / 20.3 / 61.5 / 114. Widths 8 and 32 measured 0.8× and 1.07× the width-16 row."""
+8.4 / 20.3 / 61.1 / 114. Widths 8 and 32 measured 0.8× and 1.07× the width-16 row."""
 
 
 def pass_runs(n_query: int, query_batch: int) -> float:
