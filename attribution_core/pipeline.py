@@ -286,6 +286,7 @@ def _attribute(
         out_dir,
         timings,
         progress,
+        ScoreCache.at(resolved.config.score_cache, queries),
     )
     result = AttributionResult({}, {}, task, model, queries, out_dir, timings)
     for i, spec in enumerate(resolved.methods):
@@ -309,6 +310,7 @@ class _Run:
     out: Path | None
     timings: dict[str, float]
     progress: bool
+    score_cache: ScoreCache
 
     def identity(self, spec: MethodSpec) -> dict[str, Any]:
         """What defines a method's output (a finished output with the same identity is reused)."""
@@ -331,9 +333,8 @@ class _Run:
         """Score one method (or reuse its finished output): ``(scores, manifest, method)``."""
         cfg, reg = self.resolved.config, self.resolved.registry
         identity = self.identity(spec)
-        cache = ScoreCache.at(cfg.score_cache, self.queries)
         if self.out is not None and (
-            done := cache.reused(self.out / spec.label, identity, cfg.topk)
+            done := self.score_cache.reused(self.out / spec.label, identity, cfg.topk)
         ):
             return (*done, None)
         method = build_method(spec, reg, self.task, where=f"methods[{index}]")
@@ -379,7 +380,7 @@ class _Run:
         if self.out is not None:
             manifest["files"] = files
             atomic_write_json(self.out / spec.label / "manifest.json", manifest)
-            cache.store(identity, self.out / spec.label)
+            self.score_cache.store(identity, self.out / spec.label)
         if shards.store is not None:
             shards.store.clear()  # the finished output replaces the finished shards
         return arr, manifest, method

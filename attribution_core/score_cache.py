@@ -35,10 +35,10 @@ from attribution_core.outputs import Scores, finished
 from attribution_core.storage import atomic_write, atomic_write_json
 
 
-def portable_identity(identity: dict[str, Any], queries: Batch) -> dict[str, Any]:
+def portable_identity(identity: dict[str, Any], queries_fingerprint: str) -> dict[str, Any]:
     """``identity`` with its ``queries`` entry replaced by the queries' content fingerprint."""
     return json.loads(
-        json.dumps({**identity, "queries": {"fingerprint": data_fingerprint(queries)}}, default=str)
+        json.dumps({**identity, "queries": {"fingerprint": queries_fingerprint}}, default=str)
     )
 
 
@@ -50,15 +50,18 @@ def cache_key(portable: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class ScoreCache:
-    """The score cache of one run: ``root`` (None: off) and the run's ``queries``."""
+    """The score cache of one run: ``root`` (None: off) and the fingerprint of the run's
+    queries (hashed once per run, and only when the cache is on)."""
 
     root: Path | None
-    queries: Batch
+    queries_fingerprint: str = ""
 
     @classmethod
     def at(cls, root: str | None, queries: Batch) -> ScoreCache:
         """The cache under the config's ``score_cache`` (None: off)."""
-        return cls(Path(root) if root is not None else None, queries)
+        if root is None:
+            return cls(None)
+        return cls(Path(root), data_fingerprint(queries))
 
     def reused(
         self, directory: Path, identity: dict[str, Any], topk: int | None
@@ -75,7 +78,7 @@ class ScoreCache:
     def restore(self, identity: dict[str, Any], directory: Path) -> bool:
         """Copy the entry of ``identity`` into ``directory`` under ``identity``; False if there
         is no intact entry."""
-        portable = portable_identity(identity, self.queries)
+        portable = portable_identity(identity, self.queries_fingerprint)
         saved = self._entry(portable)
         if saved is None:
             return False
@@ -95,7 +98,7 @@ class ScoreCache:
         """Copy the finished output in ``directory`` into the cache (an intact entry is kept)."""
         if self.root is None:
             return
-        portable = portable_identity(identity, self.queries)
+        portable = portable_identity(identity, self.queries_fingerprint)
         if self._entry(portable) is not None:
             return
         manifest = json.loads((directory / "manifest.json").read_text())
